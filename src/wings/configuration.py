@@ -1,0 +1,125 @@
+"""`WingsConfig`: a vision encoder + projector + decoder LLM, with optional Wings learners and router."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from transformers import AutoConfig, PreTrainedConfig
+from transformers.configuration_utils import SubConfigSpec
+
+Mode = Literal["wings", "llava"]
+RouterType = Literal["position", "segment"]
+Compat = Literal["none", "official"]
+ROUTER_IMPLS = ("sdpa", "eager")
+FEATURE_SELECT = ("default", "full")
+COMPAT_MODES = ("none", "official")
+
+
+class WingsConfig(PreTrainedConfig):
+    r"""Configuration of a Wings (or plain LLaVA-style) multimodal LLM.
+
+    Args:
+        vision_config: config of any HF vision encoder (SigLIP, CLIP, ...); built with `AutoModel.from_config`.
+        text_config: config of any HF decoder LLM (Qwen2, Llama, Mistral, Qwen3, ...).
+        image_token_id: id of the `<image>` token in the tokenizer; each image occupies
+            `image_seq_length` consecutive copies of it after processing.
+        image_seq_length: tokens per image (patches, plus CLS when `vision_feature_select_strategy="full"`).
+        vision_feature_layer: which hidden state of the encoder feeds the projector (-2 = the paper's choice).
+        vision_feature_select_strategy: "default" drops the CLS token of encoders that have one (CLIP); "full" keeps it.
+        projector_type: "linear", "mlp{N}x_gelu" (e.g. "mlp2x_gelu", the paper's) or "identity".
+        mode: "wings" adds learners (and optionally a router) to the LLM; "llava" is the plain baseline.
+        learner_rank: rank r of every LoRRA projection (the released recipe uses 64).
+        learner_layers: decoder layer indices that carry learners; None = all layers.
+        use_visual_learner / use_textual_learner / use_router: which Wings parts exist (stage 1 has only the
+            visual learner; stage 2 adds the textual learner and the router).
+        router_type: "position" (Linear over absolute key positions, the released model's) or "segment"
+            (Linear over the attention mass on image / pre-image text / post-image text keys, layout-free).
+        router_max_positions: width of the position router; None = the LLM's `max_position_embeddings`.
+        router_impl: "sdpa" computes the router input with one extra SDPA call (O(T) memory); "eager"
+            materialises the attention probabilities (the reference path used in tests).
+        compat: "none" (corrected semantics) or "official" (reproduces the released checkpoint's inference).
+        system_prompt_length: official compat only: leading tokens the released textual learner skips.
+    """
+
+    model_type = "wings"
+    sub_configs_defaults = {
+        "vision_config": SubConfigSpec(config_class=AutoConfig, model_type="siglip_vision_model"),
+        "text_config": SubConfigSpec(config_class=AutoConfig, model_type="qwen2"),
+    }
+
+    vision_config: dict | PreTrainedConfig | None = None
+    text_config: dict | PreTrainedConfig | None = None
+    image_token_id: int = 0
+    image_seq_length: int | None = None
+    vision_feature_layer: int = -2
+    vision_feature_select_strategy: str = "default"
+    projector_type: str = "mlp2x_gelu"
+    mode: str = "wings"
+    learner_rank: int = 64
+    learner_layers: list[int] | None = None
+    use_visual_learner: bool = True
+    use_textual_learner: bool = True
+    use_router: bool = True
+    router_type: str = "position"
+    router_max_positions: int | None = None
+    router_impl: str = "sdpa"
+    compat: str = "none"
+    system_prompt_length: int = 0
+    tie_word_embeddings: bool = False
+
+    def __post_init__(self, **kwargs):
+        super().__post_init__(**kwargs)
+        self.tie_word_embeddings = bool(getattr(self.text_config, "tie_word_embeddings", False))
+        if self.image_seq_length is None:
+            self.image_seq_length = default_image_seq_length(self.vision_config, self.vision_feature_select_strategy)
+        self.validate_wings_fields()
+
+    def validate_wings_fields(self) -> None:
+        """Raise ValueError naming the field for any value the model cannot honour."""
+        if self.mode not in ("wings", "llava"):
+            raise ValueError(f"WingsConfig.mode must be 'wings' or 'llava', got {self.mode!r}")
+        if self.router_type not in ("position", "segment"):
+            raise ValueError(f"WingsConfig.router_type must be 'position' or 'segment', got {self.router_type!r}")
+        if self.router_impl not in ROUTER_IMPLS:
+            raise ValueError(f"WingsConfig.router_impl must be one of {ROUTER_IMPLS}, got {self.router_impl!r}")
+        if self.compat not in COMPAT_MODES:
+            raise ValueError(f"WingsConfig.compat must be one of {COMPAT_MODES}, got {self.compat!r}")
+        if self.vision_feature_select_strategy not in FEATURE_SELECT:
+            raise ValueError(
+                f"WingsConfig.vision_feature_select_strategy must be one of {FEATURE_SELECT}, "
+                f"got {self.vision_feature_select_strategy!r}"
+            )
+        if self.learner_rank < 1:
+            raise ValueError(f"WingsConfig.learner_rank must be >= 1, got {self.learner_rank}")
+        n_layers = self.text_config.num_hidden_layers
+        for idx in self.learner_layers or []:
+            if not 0 <= idx < n_layers:
+                raise ValueError(f"WingsConfig.learner_layers has {idx}, but the LLM has {n_layers} layers")
+
+    @property
+    def learner_layer_indices(self) -> list[int]:
+        if self.mode != "wings":
+            return []
+        return sorted(self.learner_layers) if self.learner_layers is not None else list(
+            range(self.text_config.num_hidden_layers)
+        )
+
+    @property
+    def router_width(self) -> int:
+        if self.router_type == "segment":
+            return 3  # image / text before the first image / text after an image
+        if self.router_max_positions is not None:
+            return self.router_max_positions
+        return self.text_config.max_position_embeddings
+
+
+def has_cls_token(vision_config: PreTrainedConfig) -> bool:
+    """CLIP-like encoders prepend a class embedding; SigLIP-like ones do not."""
+    return vision_config.model_type in ("clip_vision_model", "clip", "vit", "dinov2", "eva", "x_clip_vision_model")
+
+
+def default_image_seq_length(vision_config: PreTrainedConfig, select_strategy: str) -> int:
+    """Tokens per image the LLM sees: patches, plus the CLS token only when it is kept."""
+    patches = (vision_config.image_size // vision_config.patch_size) ** 2
+    keep_cls = has_cls_token(vision_config) and select_strategy == "full"
+    return patches + int(keep_cls)

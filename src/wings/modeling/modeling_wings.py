@@ -1,0 +1,194 @@
+"""`WingsForConditionalGeneration`: vision encoder -> projector -> decoder LLM (+ Wings learners), HF-native."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from transformers import AutoModel, AutoModelForCausalLM, GenerationMixin, PreTrainedModel
+from transformers.modeling_outputs import CausalLMOutputWithPast
+from transformers.utils.deprecation import deprecate_kwarg
+
+from ..configuration import WingsConfig, has_cls_token
+from .inject import decoder_layers, inject_learners
+from .learner import LowRankLinear
+from .projector import build_projector
+from .state import build_state
+
+SUPPORTED_VISION = ("siglip_vision_model", "clip_vision_model")
+
+
+class WingsPreTrainedModel(PreTrainedModel):
+    config_class = WingsConfig
+    config: WingsConfig
+    base_model_prefix = "wings"
+    input_modalities = ("image", "text")
+    supports_gradient_checkpointing = True
+    _supports_sdpa = True
+    _supports_flash_attn = True
+    _supports_attention_backend = True
+
+    def _init_weights(self, module: nn.Module) -> None:
+        # Sub-models initialise themselves in from_config; only our own parts need it here.
+        if isinstance(module, LowRankLinear):
+            module.reset_parameters()
+
+    def initialize_weights(self) -> None:
+        # HF dispatches the LLM's `_init_weights` to everything under `language_model`, learners included;
+        # give the learners their zero-init first (skipping weights a checkpoint just loaded), then flag them.
+        for module in self.modules():
+            if isinstance(module, LowRankLinear):
+                module.reset_parameters()
+        super().initialize_weights()
+
+
+class WingsForConditionalGeneration(WingsPreTrainedModel, GenerationMixin):
+    """A LLaVA-style MLLM whose decoder layers may carry Wings visual/textual learners and a router.
+
+    Composition, never copied modeling code: `vision_tower = AutoModel.from_config(vision_config)`,
+    `projector` (LLaVA naming), `language_model = AutoModelForCausalLM.from_config(text_config)` with
+    each chosen layer's `self_attn` wrapped in `WingsAttention` (mode="wings").
+    """
+
+    def __init__(self, config: WingsConfig):
+        super().__init__(config)
+        check_supported(config)
+        self.vision_tower = AutoModel.from_config(config.vision_config)
+        self.projector = build_projector(
+            config.projector_type, config.vision_config.hidden_size, config.text_config.hidden_size
+        )
+        self.language_model = AutoModelForCausalLM.from_config(config.text_config)
+        if config.mode == "wings":
+            inject_learners(self.language_model, config)
+        self.post_init()
+
+    @property
+    def _tied_weights_keys(self):  # the LLM's own tying, seen from this model's key names
+        inner = getattr(self.language_model, "_tied_weights_keys", None) or {}
+        if isinstance(inner, dict):
+            return {f"language_model.{k}": f"language_model.{v}" for k, v in inner.items()}
+        return [f"language_model.{k}" for k in inner]
+
+    def get_input_embeddings(self) -> nn.Module:
+        return self.language_model.get_input_embeddings()
+
+    def set_input_embeddings(self, value: nn.Module) -> None:
+        self.language_model.set_input_embeddings(value)
+
+    def get_output_embeddings(self) -> nn.Module:
+        return self.language_model.get_output_embeddings()
+
+    def set_output_embeddings(self, value: nn.Module) -> None:
+        self.language_model.set_output_embeddings(value)
+
+    def get_image_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """pixel_values [N, 3, H, W] -> projected image tokens [N, image_seq_length, d_text]."""
+        if pixel_values.ndim != 4 or pixel_values.shape[1] != 3:
+            raise ValueError(f"pixel_values must be [num_images, 3, H, W], got shape {tuple(pixel_values.shape)}")
+        if not pixel_values.is_floating_point():
+            raise ValueError(f"pixel_values must be a float tensor, got dtype {pixel_values.dtype}")
+        size = self.config.vision_config.image_size
+        if tuple(pixel_values.shape[-2:]) != (size, size):
+            raise ValueError(
+                f"pixel_values are {tuple(pixel_values.shape[-2:])} but the vision encoder expects ({size}, {size}); "
+                "preprocess images with the model's WingsProcessor"
+            )
+        param = next(self.vision_tower.parameters())
+        out = self.vision_tower(pixel_values.to(param.device, param.dtype), output_hidden_states=True)
+        feats = out.hidden_states[self.config.vision_feature_layer]  # [N, P(+1), d_vision]
+        if has_cls_token(self.config.vision_config) and self.config.vision_feature_select_strategy == "default":
+            feats = feats[:, 1:]  # drop CLS
+        return self.projector(feats)
+
+    def merge_image_features(self, input_ids: torch.Tensor, inputs_embeds: torch.Tensor,
+                             pixel_values: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Splice projected image tokens into the `<image>` positions; raise on any count mismatch."""
+        is_image = input_ids == self.config.image_token_id
+        n_tokens = int(is_image.sum())
+        n_images = 0 if pixel_values is None else pixel_values.shape[0]
+        per_image = self.config.image_seq_length
+        if n_tokens != n_images * per_image:
+            raise ValueError(
+                f"Image features and image tokens do not match: the text holds {n_tokens} image tokens "
+                f"({n_tokens / per_image:g} `<image>` placeholders of {per_image} tokens) but {n_images} images "
+                "were given"
+            )
+        if n_images:
+            feats = self.get_image_features(pixel_values).to(inputs_embeds.dtype)
+            inputs_embeds = inputs_embeds.masked_scatter(is_image[..., None].expand_as(inputs_embeds), feats)
+        return inputs_embeds, is_image
+
+    @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        pixel_values: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        cache=None,
+        inputs_embeds: torch.Tensor | None = None,
+        labels: torch.LongTensor | None = None,
+        use_cache: bool | None = None,
+        logits_to_keep: int | torch.Tensor = 0,
+        wings_record: dict | None = None,
+        **kwargs,
+    ) -> CausalLMOutputWithPast:
+        if input_ids is None:
+            raise ValueError("WingsForConditionalGeneration needs input_ids (image placeholders are found by id)")
+        B, T = input_ids.shape
+        inputs_embeds = self.get_input_embeddings()(input_ids)
+        inputs_embeds, is_image = self.merge_image_features(input_ids, inputs_embeds, pixel_values)
+        past = cache.get_seq_length() if cache is not None else 0
+        if attention_mask is None:
+            attention_mask = torch.ones(B, past + T, dtype=torch.long, device=input_ids.device)
+        if position_ids is None:  # true positions: count real tokens, so left padding does not shift them
+            position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, -T:]
+        if labels is not None:
+            labels = labels.masked_fill(is_image, -100)  # never predict image tokens
+        if self.config.mode == "wings":
+            if use_cache is None:
+                use_cache = self.config.text_config.use_cache and not self.training
+            if use_cache and cache is None:
+                from transformers import DynamicCache
+
+                cache = DynamicCache(config=self.config.text_config)
+            state = build_state(
+                inputs_embeds, is_image, attention_mask, position_ids, self.language_model.model.rotary_emb,
+                cache_obj=cache if use_cache else None, router_impl=self.config.router_impl,
+            )
+            state.record = wings_record
+            kwargs["wings_state"] = state
+        return self.language_model(
+            inputs_embeds=inputs_embeds,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            cache=cache,
+            labels=labels,
+            use_cache=use_cache,
+            logits_to_keep=logits_to_keep,
+            **kwargs,
+        )
+
+    def prepare_inputs_for_generation(self, input_ids, cache=None, pixel_values=None, is_first_iteration=False,
+                                      **kwargs):
+        inputs = super().prepare_inputs_for_generation(
+            input_ids, cache=cache, is_first_iteration=is_first_iteration, **kwargs
+        )
+        # Images enter once, with the prompt; later steps read them from the (learner) cache.
+        if is_first_iteration or not kwargs.get("use_cache", True):
+            inputs["pixel_values"] = pixel_values
+        return inputs
+
+
+def check_supported(config: WingsConfig) -> None:
+    """Fail early, naming the model type, for backbones whose layout the code does not handle."""
+    if config.vision_config.model_type not in SUPPORTED_VISION:
+        raise ValueError(
+            f"vision encoder type {config.vision_config.model_type!r} is not supported; "
+            f"supported: {', '.join(SUPPORTED_VISION)}"
+        )
+    probe_layers = getattr(config.text_config, "num_hidden_layers", None)
+    if probe_layers is None or not getattr(config.text_config, "is_decoder", True):
+        raise ValueError(f"text model type {config.text_config.model_type!r} is not a decoder LLM")
+
+
+__all__ = ["WingsForConditionalGeneration", "WingsPreTrainedModel", "decoder_layers"]
