@@ -82,6 +82,15 @@ class WingsForConditionalGeneration(WingsPreTrainedModel, GenerationMixin):
 
     def get_image_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """pixel_values [N, 3, H, W] -> projected image tokens [N, image_seq_length, d_text]."""
+        self.check_pixel_values(pixel_values)
+        param = next(self.vision_tower.parameters())
+        out = self.vision_tower(pixel_values.to(param.device, param.dtype), output_hidden_states=True)
+        feats = out.hidden_states[self.config.vision_feature_layer]  # [N, P(+1), d_vision]
+        if has_cls_token(self.config.vision_config) and self.config.vision_feature_select_strategy == "default":
+            feats = feats[:, 1:]  # drop CLS
+        return self.projector(feats)
+
+    def check_pixel_values(self, pixel_values: torch.Tensor) -> None:
         if pixel_values.ndim != 4 or pixel_values.shape[1] != 3:
             raise ValueError(f"pixel_values must be [num_images, 3, H, W], got shape {tuple(pixel_values.shape)}")
         if not pixel_values.is_floating_point():
@@ -92,16 +101,12 @@ class WingsForConditionalGeneration(WingsPreTrainedModel, GenerationMixin):
                 f"pixel_values are {tuple(pixel_values.shape[-2:])} but the vision encoder expects ({size}, {size}); "
                 "preprocess images with the model's WingsProcessor"
             )
-        param = next(self.vision_tower.parameters())
-        out = self.vision_tower(pixel_values.to(param.device, param.dtype), output_hidden_states=True)
-        feats = out.hidden_states[self.config.vision_feature_layer]  # [N, P(+1), d_vision]
-        if has_cls_token(self.config.vision_config) and self.config.vision_feature_select_strategy == "default":
-            feats = feats[:, 1:]  # drop CLS
-        return self.projector(feats)
 
     def merge_image_features(self, input_ids: torch.Tensor, inputs_embeds: torch.Tensor,
                              pixel_values: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
         """Splice projected image tokens into the `<image>` positions; raise on any count mismatch."""
+        if pixel_values is not None:
+            self.check_pixel_values(pixel_values)
         is_image = input_ids == self.config.image_token_id
         n_tokens = int(is_image.sum())
         n_images = 0 if pixel_values is None else pixel_values.shape[0]
