@@ -1,0 +1,97 @@
+"""Messages -> token ids and labels through the processor's chat template, with image expansion and truncation.
+
+Labels are -100 everywhere except the assistant's content and its `<|im_end|>`: the template wraps exactly that
+in `{% generation %}`, and `tokenizer.apply_chat_template(..., return_assistant_tokens_mask=True)` turns it into a
+token mask. Each `<image>` token becomes `processor.image_seq_length` image tokens (labels -100).
+
+Truncation policy: the sequence is cut at `max_length`, but never through an image's tokens. If the cut falls
+inside an image, the cut moves to just before that image, and that image (and any after it) is dropped from the
+sample. If no assistant token is left after the cut, the record is "over_long" (a bad record).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from ..processing import IMAGE_TOKEN
+from .records import Record, load_image
+from .report import BadRecord
+
+IGNORE_INDEX = -100
+
+
+@dataclass(frozen=True, slots=True)
+class Encoded:
+    input_ids: list[int]
+    labels: list[int]
+    n_images: int  # images whose tokens survived truncation (always the first n of the record's images)
+    truncated: bool
+
+
+def chat_tokens(messages: Sequence[dict], processor) -> tuple[list[int], list[int]]:
+    """Token ids of the formatted conversation and the assistant mask (1 = a token the model must learn)."""
+    out = processor.tokenizer.apply_chat_template(
+        list(messages), chat_template=processor.chat_template, tokenize=True, return_dict=True,
+        return_assistant_tokens_mask=True,
+    )
+    ids, mask = list(out["input_ids"]), list(out["assistant_masks"])
+    if not any(mask):  # every record has a non-empty assistant turn, so this is the template's fault
+        raise ValueError("the chat template marks no assistant token: it needs a {% generation %} block around "
+                         "the assistant content (see wings.processing.CHATML_TEMPLATE)")
+    return ids, mask
+
+
+def encode_conversation(messages: Sequence[dict], processor, max_length: int) -> Encoded:
+    """Format, mask, expand images and truncate one conversation (see the module docstring for the policy)."""
+    if max_length < 1:
+        raise ValueError(f"max_length must be positive, got {max_length}")
+    ids, mask = chat_tokens(messages, processor)
+    image_id, span = processor.image_token_id, processor.image_seq_length
+    expected = sum(m["content"].count(IMAGE_TOKEN) for m in messages)
+    found = ids.count(image_id)
+    if found != expected:
+        raise BadRecord("placeholder_mismatch", f"{expected} `{IMAGE_TOKEN}` placeholders became {found} image tokens")
+
+    input_ids: list[int] = []
+    labels: list[int] = []
+    starts: list[int] = []
+    for token, learn in zip(ids, mask, strict=True):
+        if token == image_id:
+            starts.append(len(input_ids))
+            input_ids.extend([image_id] * span)
+            labels.extend([IGNORE_INDEX] * span)
+        else:
+            input_ids.append(token)
+            labels.append(token if learn else IGNORE_INDEX)
+
+    truncated = len(input_ids) > max_length
+    cut = len(input_ids)
+    if truncated:
+        cut = max_length
+        for s in starts:
+            if s < cut < s + span:  # the cut would split this image: cut before it instead
+                cut = s
+                break
+        input_ids, labels = input_ids[:cut], labels[:cut]
+    n_images = sum(1 for s in starts if s + span <= cut)
+    if all(label == IGNORE_INDEX for label in labels):
+        raise BadRecord("over_long", f"{len(ids) - found + found * span} tokens after image expansion; nothing "
+                                     f"left to learn within max_length={max_length}")
+    return Encoded(input_ids=input_ids, labels=labels, n_images=n_images, truncated=truncated)
+
+
+def build_sample(record: Record, processor, max_length: int) -> dict[str, torch.Tensor]:
+    """One training sample: input_ids, attention_mask, labels [T] and pixel_values [n, 3, H, W] if it has images."""
+    enc = encode_conversation(record.messages, processor, max_length)
+    sample = {
+        "input_ids": torch.tensor(enc.input_ids, dtype=torch.long),
+        "attention_mask": torch.ones(len(enc.input_ids), dtype=torch.long),
+        "labels": torch.tensor(enc.labels, dtype=torch.long),
+    }
+    if enc.n_images:
+        images = [load_image(p) for p in record.images[: enc.n_images]]
+        sample["pixel_values"] = processor.preprocess_images(images)
+    return sample

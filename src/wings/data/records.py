@@ -1,0 +1,163 @@
+"""LLaVA records on disk -> checked, normalised `Record`s (roles, placeholders, image paths), and image loading.
+
+A record is `{"id", "image" | "images", "conversations": [{"from": "human"|"gpt"|"system", "value": str}]}`,
+read from a JSON list (`.json`) or JSON Lines (`.jsonl`). `image` may be a string or a list, `images` a list;
+no image field means a text-only record. `<image>` may appear anywhere in any turn, once per image, in the order
+of the image list. Following LLaVA, a record that has images but no `<image>` at all gets one `<image>\\n` per
+image prepended to its first human turn; any other count mismatch is a bad record.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from PIL import Image
+
+from ..processing import IMAGE_TOKEN
+from .report import BadRecord, where
+
+ROLE_MAP = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
+IMAGE_CHECKS = ("none", "exists", "verify", "load")
+
+
+@dataclass(frozen=True, slots=True)
+class Record:
+    """One checked conversation. `messages` are chat-template messages (role, content with inline `<image>`)."""
+
+    location: str  # `file:line N` or `file[index N]`, for messages and the report
+    id: object
+    messages: tuple[dict, ...]
+    images: tuple[Path, ...]
+
+    @property
+    def is_multimodal(self) -> bool:
+        return bool(self.images)
+
+
+def iter_raw_records(path: str | Path) -> Iterator[tuple[str, object]]:
+    """Yield (location, parsed JSON value or BadRecord) for each record of a `.jsonl` or `.json` file.
+
+    A malformed JSONL line is one bad record; a `.json` file that does not parse as a list is a file error.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"data file {path} does not exist")
+    if path.suffix == ".jsonl":
+        with path.open(encoding="utf-8") as f:
+            for n, line in enumerate(f, start=1):
+                if not line.strip():
+                    continue
+                try:
+                    yield where(path, line=n), json.loads(line)
+                except json.JSONDecodeError as e:
+                    bad = BadRecord("malformed_json", f"invalid JSON ({e.msg} at column {e.colno})")
+                    yield where(path, line=n), bad
+        return
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        hint = " (one record per line? name the file .jsonl)" if "Extra data" in e.msg else ""
+        raise ValueError(f"data file {path} is not valid JSON: {e.msg} at line {e.lineno}{hint}") from e
+    if not isinstance(data, list):
+        raise ValueError(f"data file {path} holds a JSON {type(data).__name__}, expected a list of records")
+    for i, raw in enumerate(data):
+        yield where(path, index=i), raw
+
+
+def record_id(raw: object) -> object:
+    return raw.get("id") if isinstance(raw, dict) else None
+
+
+def _image_list(raw: dict) -> list[str]:
+    if "image" in raw and "images" in raw:
+        raise BadRecord("bad_fields", "has both `image` and `images`; use one")
+    value = raw.get("images", raw.get("image"))
+    if value is None:
+        return []
+    items = [value] if isinstance(value, str) else value
+    if not isinstance(items, list) or not all(isinstance(x, str) and x.strip() for x in items):
+        raise BadRecord("bad_fields", f"`image`/`images` must be a non-empty path or a list of them, got {value!r}")
+    return items
+
+
+def _messages(conversations: object) -> list[dict]:
+    if not isinstance(conversations, list) or not conversations:
+        raise BadRecord("bad_fields", "`conversations` must be a non-empty list")
+    messages = []
+    for t, turn in enumerate(conversations):
+        if not isinstance(turn, dict) or "from" not in turn or "value" not in turn:
+            raise BadRecord("bad_fields", f"turn {t} needs `from` and `value`")
+        if not isinstance(turn["value"], str):
+            raise BadRecord("bad_fields", f"turn {t}: `value` must be a string, got {type(turn['value']).__name__}")
+        role = ROLE_MAP.get(turn["from"]) if isinstance(turn["from"], str) else None
+        if role is None:
+            raise BadRecord("unknown_role", f"turn {t} has `from`={turn['from']!r}; expected human, gpt or system")
+        if not turn["value"].strip():
+            raise BadRecord("empty_turn", f"turn {t} ({turn['from']}) is empty")
+        messages.append({"role": role, "content": turn["value"]})
+    return messages
+
+
+def _check_order(messages: list[dict]) -> None:
+    roles = [m["role"] for m in messages]
+    body = roles[1:] if roles[0] == "system" else roles
+    expected = ["user" if i % 2 == 0 else "assistant" for i in range(len(body))]
+    if not body or body != expected or body[-1] != "assistant":
+        shown = " -> ".join(roles)
+        raise BadRecord("role_order", f"roles {shown}; expected [system ->] user -> assistant (alternating, "
+                                      "ending with assistant)")
+
+
+def normalize(raw: object, location: str, image_root: Path, default_system: str | None = None) -> Record:
+    """Check one parsed record's structure and turn it into a `Record` (images are not opened here)."""
+    if isinstance(raw, BadRecord):
+        raise raw
+    if not isinstance(raw, dict):
+        raise BadRecord("malformed_json", f"the record is a JSON {type(raw).__name__}, expected an object")
+    if "conversations" not in raw:
+        raise BadRecord("bad_fields", "missing `conversations`")
+    images = _image_list(raw)
+    messages = _messages(raw["conversations"])
+    _check_order(messages)
+    placeholders = sum(m["content"].count(IMAGE_TOKEN) for m in messages)
+    if images and placeholders == 0:  # LLaVA's convention: the images go before the first question
+        first_user = next(m for m in messages if m["role"] == "user")
+        first_user["content"] = f"{IMAGE_TOKEN}\n" * len(images) + first_user["content"]
+    elif placeholders != len(images):
+        raise BadRecord("placeholder_mismatch", f"{placeholders} `{IMAGE_TOKEN}` placeholders but {len(images)} images")
+    if default_system and messages[0]["role"] != "system":
+        messages.insert(0, {"role": "system", "content": default_system})
+    paths = tuple(Path(p) if Path(p).is_absolute() else image_root / p for p in images)
+    return Record(location=location, id=raw.get("id"), messages=tuple(messages), images=paths)
+
+
+def check_image(path: Path, mode: str = "verify") -> None:
+    """Scan-time image check. `verify` (default) reads the file's structure without decoding all pixels (cheap);
+    `load` decodes fully (catches every corrupt file, slower); `exists` only stats it; `none` skips."""
+    if mode not in IMAGE_CHECKS:
+        raise ValueError(f"image_check must be one of {IMAGE_CHECKS}, got {mode!r}")
+    if mode == "none":
+        return
+    if not path.is_file():
+        raise BadRecord("missing_image", f"image {path} does not exist")
+    if mode == "exists":
+        return
+    try:
+        with Image.open(path) as im:
+            im.verify() if mode == "verify" else im.load()
+    except Exception as e:  # PIL raises many types (OSError, SyntaxError, ValueError...) for bad files
+        raise BadRecord("corrupt_image", f"image {path} cannot be decoded ({type(e).__name__}: {e})") from e
+
+
+def load_image(path: Path) -> Image.Image:
+    """Decode one image to RGB; errors become `BadRecord` so the dataset's policy applies."""
+    if not path.is_file():
+        raise BadRecord("missing_image", f"image {path} does not exist")
+    try:
+        with Image.open(path) as im:
+            return im.convert("RGB")
+    except Exception as e:
+        raise BadRecord("corrupt_image", f"image {path} cannot be decoded ({type(e).__name__}: {e})") from e
