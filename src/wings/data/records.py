@@ -152,8 +152,9 @@ def check_image(path: Path, mode: str = "verify") -> None:
         raise BadRecord("corrupt_image", f"image {path} cannot be decoded ({type(e).__name__}: {e})") from e
 
 
-def load_image(path: Path) -> Image.Image:
+def load_image(path: str | Path) -> Image.Image:
     """Decode one image to RGB; errors become `BadRecord` so the dataset's policy applies."""
+    path = Path(path)
     if not path.is_file():
         raise BadRecord("missing_image", f"image {path} does not exist")
     try:
