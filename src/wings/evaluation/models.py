@@ -1,0 +1,156 @@
+"""Load what `wings eval` scores: a Wings/LLaVA-mode MLLM directory or a plain HF causal LM, behind one interface.
+
+Both render prompts with the same chat template (the processor's for MLLMs; the tokenizer's own for LLMs, or
+ChatML when it has none), so a base LLM and the MLLMs built on it see identical text-only prompts.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from ..processing import CHATML_TEMPLATE
+from .tasks import TaskError, TaskItem, messages, open_images
+
+_SENTINEL = "\u2063WINGS_REPLY\u2063"  # invisible separator: never part of a template's own text
+
+
+@dataclass
+class Prompt:
+    """An encoded prompt: token ids (images expanded) and the pixel values of its images, if any."""
+
+    ids: list[int]
+    pixel_values: torch.Tensor | None = None
+
+
+@dataclass
+class EvalModel:
+    model: torch.nn.Module
+    tokenizer: object
+    processor: object | None  # WingsProcessor for MLLMs, None for a plain LLM
+    chat_template: str
+    name: str
+    path: Path
+    end_of_turn: str = field(init=False, default="")
+
+    def __post_init__(self) -> None:
+        self.end_of_turn = self._find_end_of_turn()
+
+    @property
+    def multimodal(self) -> bool:
+        return self.processor is not None
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    @property
+    def pad_id(self) -> int:
+        tok = self.tokenizer
+        pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+        return 0 if pad is None else int(pad)
+
+    def render(self, chat: list[dict], add_generation_prompt: bool = True) -> str:
+        return self.tokenizer.apply_chat_template(
+            chat, chat_template=self.chat_template, add_generation_prompt=add_generation_prompt, tokenize=False
+        )
+
+    def _find_end_of_turn(self) -> str:
+        """What the template writes after an assistant reply (ChatML: `<|im_end|>`), found by rendering one."""
+        chat = [{"role": "user", "content": "hi"}]
+        prompt = self.render(chat)
+        full = self.render(chat + [{"role": "assistant", "content": _SENTINEL}], add_generation_prompt=False)
+        if full.startswith(prompt) and _SENTINEL in full:
+            tail = full.split(_SENTINEL, 1)[1].rstrip()
+            if tail:
+                return tail
+        return self.tokenizer.eos_token or ""
+
+    def reply_text(self, chat: list[dict], option: str) -> str:
+        """The assistant reply `option` as the template writes it after the generation prompt, end-of-turn included."""
+        prompt = self.render(chat)
+        full = self.render(chat + [{"role": "assistant", "content": option}], add_generation_prompt=False)
+        if full.startswith(prompt):
+            reply = full[len(prompt):].rstrip()
+            if reply.startswith(option):
+                return reply
+        return option + self.end_of_turn
+
+    def stop_token_ids(self) -> list[int]:
+        ids = set()
+        eot = self.tokenizer.convert_tokens_to_ids(self.end_of_turn) if self.end_of_turn else None
+        if isinstance(eot, int) and eot != self.tokenizer.unk_token_id:
+            ids.add(eot)
+        if self.tokenizer.eos_token_id is not None:
+            ids.add(int(self.tokenizer.eos_token_id))
+        gen_eos = getattr(getattr(self.model, "generation_config", None), "eos_token_id", None)
+        for i in gen_eos if isinstance(gen_eos, list) else [gen_eos]:
+            if i is not None:
+                ids.add(int(i))
+        return sorted(ids)
+
+    def encode_text(self, text: str) -> list[int]:
+        return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+
+    def encode_item(self, item: TaskItem) -> tuple[Prompt, list[dict]]:
+        """The chat of `item` (context + question) encoded with its images; returns it and the chat."""
+        chat = messages(item)
+        return self.encode_chat(chat, open_images(item) if item.all_images else [], item.id), chat
+
+    def encode_chat(self, chat: list[dict], images: list, what: str = "prompt") -> Prompt:
+        text = self.render(chat)
+        if images and not self.multimodal:
+            raise TaskError(f"record {what!r} has images but {self.name} is a text-only LLM")
+        if not self.multimodal:
+            return Prompt(self.encode_text(text))
+        out = self.processor(text=[text], images=[images] if images else None, padding=False)
+        return Prompt(out["input_ids"][0].tolist(), out.get("pixel_values"))
+
+
+def model_type_of(path: str | Path) -> str:
+    path = Path(path)
+    if not path.is_dir():
+        raise FileNotFoundError(f"model directory {path} does not exist")
+    config = path / "config.json"
+    if not config.is_file():
+        raise ValueError(f"{path} has no config.json; is it a Hugging Face model directory?")
+    try:
+        return json.loads(config.read_text()).get("model_type", "")
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{config} is not valid JSON: {err.msg}") from None
+
+
+def default_device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def load_eval_model(path: str | Path, device: str | None = None, dtype: str = "float32",
+                    label: str | None = None) -> EvalModel:
+    """`model_type == "wings"` -> AutoModelForImageTextToText + AutoProcessor; anything else -> a causal LM."""
+    from transformers import (
+        AutoModelForCausalLM,
+        AutoModelForImageTextToText,
+        AutoProcessor,
+        AutoTokenizer,
+    )
+
+    import wings  # noqa: F401  (registers the Wings Auto classes)
+
+    path = Path(path)
+    torch_dtype = getattr(torch, dtype, None)
+    if not isinstance(torch_dtype, torch.dtype):
+        raise ValueError(f"unknown dtype {dtype!r}; use float32, bfloat16 or float16")
+    if model_type_of(path) == "wings":
+        model = AutoModelForImageTextToText.from_pretrained(path, dtype=torch_dtype)
+        processor = AutoProcessor.from_pretrained(path)
+        tokenizer, template = processor.tokenizer, processor.chat_template or CHATML_TEMPLATE
+    else:
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype)
+        processor = None
+        tokenizer = AutoTokenizer.from_pretrained(path)
+        template = tokenizer.chat_template or CHATML_TEMPLATE
+    model.to(device or default_device()).eval()
+    return EvalModel(model, tokenizer, processor, template, label or path.name, path)
