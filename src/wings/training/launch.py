@@ -1,0 +1,174 @@
+"""`train(config) -> TrainResult`: one stage, end to end (model, data, Trainer, final HF-format directory).
+
+Output layout under `config.output_dir`:
+    train_config.yaml     the resolved config
+    data_report.json      what the data pipeline kept and skipped
+    checkpoint-N/         HF checkpoints (resume with train.resume=auto)
+    runs/                 TensorBoard logs (when report_to has tensorboard)
+    final/                model + processor; `AutoModelForImageTextToText.from_pretrained` loads it after `import wings`
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from transformers import AutoProcessor, TrainingArguments, set_seed
+
+from .config import TrainConfig, dump_config
+from .stages import merge_lora, prepare_model, stage_learning_rates
+from .trainer import LossRecorder, WingsTrainer, checkpoints, latest_complete_checkpoint, save_final_atomic
+
+
+@dataclass
+class TrainResult:
+    """What a stage produced.
+
+    Attributes:
+        final_dir: the HF-format model + processor directory.  output_dir: the run folder.
+        steps / losses: every logged training loss and its optimizer step (one per step with logging_steps=1).
+        global_step: optimizer steps done.  trainable: trainable parameter count per group.
+        checkpoints: checkpoint dirs left in output_dir.  log_dir: TensorBoard folder (None without tensorboard).
+        resumed_from: the checkpoint the run resumed from, if any.
+    """
+
+    final_dir: Path
+    output_dir: Path
+    steps: list[int] = field(default_factory=list)
+    losses: list[float] = field(default_factory=list)
+    global_step: int = 0
+    trainable: dict[str, int] = field(default_factory=dict)
+    checkpoints: list[Path] = field(default_factory=list)
+    log_dir: Path | None = None
+    resumed_from: Path | None = None
+
+
+def training_arguments(config: TrainConfig) -> TrainingArguments:
+    t = config.train
+    kwargs = dict(
+        output_dir=config.output_dir,
+        learning_rate=t.lr,
+        weight_decay=t.weight_decay,
+        lr_scheduler_type=t.lr_scheduler,
+        warmup_steps=t.warmup_ratio,  # a float < 1 is a ratio of the total steps
+        max_grad_norm=t.max_grad_norm,
+        num_train_epochs=t.epochs,
+        max_steps=t.max_steps,
+        per_device_train_batch_size=t.batch_size,
+        gradient_accumulation_steps=t.grad_accum,
+        bf16=t.precision == "bf16",
+        fp16=t.precision == "fp16",
+        gradient_checkpointing=t.gradient_checkpointing,
+        gradient_checkpointing_kwargs={"use_reentrant": False} if t.gradient_checkpointing else None,
+        seed=t.seed,
+        data_seed=t.seed,
+        save_strategy="steps",
+        save_steps=t.save_steps,
+        save_total_limit=t.save_total_limit,
+        logging_strategy="steps",
+        logging_steps=t.logging_steps,
+        report_to=list(t.report_to) or "none",
+        run_name=config.stage,
+        deepspeed=t.deepspeed,
+        use_cpu=t.use_cpu,
+        ddp_backend=t.ddp_backend,
+        # Learners skipped in a batch still get zero gradients (anchor), so DDP needs no unused-parameter search.
+        ddp_find_unused_parameters=False,
+        dataloader_num_workers=config.data.num_workers,
+        remove_unused_columns=False,  # the collator emits exactly the model's inputs
+    )
+    kwargs.update(config.train.extra_args)
+    return TrainingArguments(**kwargs)
+
+
+def build_data(config: TrainConfig, processor):
+    """The data pipeline's dataset + collator for `config.data`."""
+    from ..data import WingsDataCollator, build_dataset
+
+    if not config.data.path:
+        raise ValueError("data.path is empty: give a LLaVA JSON/JSONL file (--set data.path=FILE)")
+    dataset = build_dataset(
+        config.data.path, processor, image_root=config.data.image_root, max_length=config.data.max_length,
+        policy=config.data.policy,
+        report_path=Path(config.output_dir) / "data_report.json" if is_main_process() else None,
+        text_mix_path=config.data.text_mix_path, text_mix_ratio=config.data.text_mix_ratio, seed=config.train.seed,
+        progress=is_main_process(),
+    )
+    return dataset, WingsDataCollator.from_processor(processor)
+
+
+def resolve_resume(config: TrainConfig) -> Path | None:
+    resume = config.train.resume
+    if resume in (None, "", "none"):
+        return None
+    if resume == "auto":
+        return latest_complete_checkpoint(config.output_dir)
+    path = Path(resume)
+    if not path.is_dir():
+        raise FileNotFoundError(f"train.resume: checkpoint {path} does not exist")
+    if not (path / "trainer_state.json").is_file():
+        raise ValueError(f"train.resume: {path} is not a complete HF checkpoint (no trainer_state.json)")
+    return path
+
+
+def train(config: TrainConfig, train_dataset=None, data_collator=None, callbacks: list | None = None) -> TrainResult:
+    """Run one stage. `train_dataset`/`data_collator` replace the `config.data` pipeline when given; `callbacks`
+    are extra HF `TrainerCallback`s."""
+    set_seed(config.train.seed)  # fresh learners / router added on load draw from this
+    model, trainable = prepare_model(config)
+    processor = AutoProcessor.from_pretrained(config.model.path)
+    output_dir = Path(config.output_dir)
+    if is_main_process():
+        dump_config(config, output_dir / "train_config.yaml")
+    if train_dataset is None:
+        train_dataset, built_collator = build_data(config, processor)
+        data_collator = data_collator or built_collator
+    if data_collator is None:
+        from ..data import WingsDataCollator
+
+        data_collator = WingsDataCollator.from_processor(processor)
+    lrs, wds = stage_learning_rates(config)
+    recorder = LossRecorder()
+    trainer = WingsTrainer(
+        model=model, args=training_arguments(config), train_dataset=train_dataset, data_collator=data_collator,
+        processing_class=processor, callbacks=[recorder, *(callbacks or [])], group_lrs=lrs, group_weight_decays=wds,
+        group_by_modality=config.data.group_by_modality,
+    )
+    if is_main_process():
+        summary = ", ".join(f"{g} {n / 1e6:.3f}M @ lr {lrs[g]:g}" for g, n in sorted(trainable.items()))
+        print(f"[wings train] stage {config.stage}: training {summary}", flush=True)
+    resume = resolve_resume(config)
+    trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+    if config.lora.enabled:
+        merge_lora(trainer.model)  # the saved model is a plain Wings model again
+    final_dir = save_final_atomic(trainer, processor, output_dir / "final")
+    log_dir = None
+    if "tensorboard" in config.train.report_to:
+        log_dir = output_dir / "runs"
+    return TrainResult(
+        final_dir=final_dir, output_dir=output_dir, steps=recorder.steps, losses=recorder.losses,
+        global_step=trainer.state.global_step, trainable=trainable, checkpoints=checkpoints(output_dir),
+        log_dir=log_dir, resumed_from=resume,
+    )
+
+
+def is_main_process() -> bool:
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+def finish_distributed(exit_code: int = 0) -> None:
+    """End a torchrun process cleanly: barrier, destroy the group, flush, `os._exit`.
+
+    On CPU (gloo) ranks have been seen to abort in interpreter teardown after all work was done; exiting
+    straight after destroying the group avoids it. Only for entry points (it never returns).
+    """
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return
+    torch.distributed.barrier()
+    torch.distributed.destroy_process_group()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(exit_code)

@@ -1,0 +1,167 @@
+"""`WingsTrainer`: HF `Trainer` with per-group learning rates and the modality-grouped sampler.
+
+Everything else (gradient accumulation, schedules, clipping, mixed precision, gradient checkpointing,
+checkpoints and resume, DDP / DeepSpeed / FSDP, logging) is the stock Trainer's.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+from pathlib import Path
+
+import torch
+from transformers import Trainer, TrainerCallback
+
+from .param_groups import optimizer_param_groups
+
+CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
+
+
+class WingsTrainer(Trainer):
+    """Trainer for Wings stages.
+
+    Args (beyond `Trainer`'s):
+        group_lrs / group_weight_decays: per parameter group (see `param_groups.classify`); every trainable
+            parameter's group must be present.
+        group_by_modality: sample with `wings.data.ModalityLengthGroupedSampler` (each step all-image or
+            all-text, similar lengths) when the dataset exposes `.lengths` and `.is_multimodal`.
+    """
+
+    def __init__(self, *args, group_lrs: dict[str, float], group_weight_decays: dict[str, float] | None = None,
+                 group_by_modality: bool = True, **kwargs):
+        self.group_lrs = dict(group_lrs)
+        self.group_weight_decays = dict(group_weight_decays or {})
+        self.group_by_modality = group_by_modality
+        super().__init__(*args, **kwargs)
+
+    def create_optimizer(self, model=None) -> torch.optim.Optimizer:
+        if self.optimizer is None:
+            opt_model = self.model if model is None else model
+            decay = set(self.get_decay_parameter_names(opt_model))  # no decay on biases and norms
+            groups = optimizer_param_groups(opt_model, self.group_lrs, self.group_weight_decays, decay)
+            optimizer_cls, optimizer_kwargs = self.get_optimizer_cls_and_kwargs(self.args, opt_model)
+            optimizer_kwargs.pop("lr", None)  # every group carries its own
+            self.optimizer = optimizer_cls(groups, lr=self.args.learning_rate, **optimizer_kwargs)
+        return self.optimizer
+
+    def log(self, logs: dict[str, float], *args, **kwargs) -> None:
+        # HF logs only the first optimizer group's lr; add every parameter group's (console, TensorBoard, wandb).
+        # All HF schedules scale each group's base lr by one factor, read off the logged `learning_rate`.
+        scheduler = self.lr_scheduler
+        if "loss" in logs and "learning_rate" in logs and self.optimizer is not None and scheduler is not None:
+            base = getattr(scheduler, "base_lrs", None)
+            if base and base[0] > 0:
+                factor = float(logs["learning_rate"]) / base[0]
+                for group, lr0 in zip(self.optimizer.param_groups, base, strict=False):
+                    name = str(group.get("group", ""))
+                    if name and not name.endswith(".no_decay"):
+                        logs[f"lr/{name}"] = lr0 * factor
+        super().log(logs, *args, **kwargs)
+
+    def _get_train_sampler(self, train_dataset=None):
+        dataset = train_dataset if train_dataset is not None else self.train_dataset
+        if self.group_by_modality and hasattr(dataset, "lengths") and hasattr(dataset, "is_multimodal"):
+            from ..data import ModalityLengthGroupedSampler
+
+            return ModalityLengthGroupedSampler(
+                dataset.lengths, dataset.is_multimodal, self.args.per_device_train_batch_size,
+                world_size=self.args.world_size, seed=self.args.seed,
+            )
+        return super()._get_train_sampler(train_dataset)
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        result = super().compute_loss(model, inputs, return_outputs=return_outputs,
+                                      num_items_in_batch=num_items_in_batch)
+        if inputs.get("pixel_values") is None:
+            # A text-only batch never reaches the projector (or vision tower). Under DDP with
+            # find_unused_parameters=False every trainable parameter must get a gradient each step, so give
+            # those a zero-valued one (the learners do the same through `anchor()`).
+            anchor = self._image_path_anchor(model)
+            if anchor is not None:
+                if return_outputs:
+                    result = (result[0] + anchor, result[1])
+                else:
+                    result = result + anchor
+        return result
+
+    def _image_path_anchor(self, model) -> torch.Tensor | None:
+        if self.is_deepspeed_enabled and self.accelerator.state.deepspeed_plugin.zero_stage == 3:
+            return None  # ZeRO-3 partitions parameters outside forward; its own reducer tolerates missing grads
+        inner = self.accelerator.unwrap_model(model)
+        params = [p for name in ("vision_tower", "projector") if hasattr(inner, name)
+                  for p in getattr(inner, name).parameters() if p.requires_grad]
+        if not params:
+            return None
+        return sum(p.sum() for p in params) * 0.0
+
+
+class LossRecorder(TrainerCallback):
+    """Keeps every logged training loss with its step (the per-step curve when logging_steps=1)."""
+
+    def __init__(self):
+        self.steps: list[int] = []
+        self.losses: list[float] = []
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if logs and "loss" in logs:
+            self.steps.append(state.global_step)
+            self.losses.append(float(logs["loss"]))
+
+
+def is_complete_checkpoint(path: Path) -> bool:
+    """HF writes a checkpoint in place, trainer_state.json last: a checkpoint counts once that file parses and the
+    model weights are there (a run killed mid-save leaves a dir without them, which resume must skip)."""
+    state = path / "trainer_state.json"
+    if not state.is_file():
+        return False
+    try:
+        json.loads(state.read_text())
+    except (OSError, json.JSONDecodeError):
+        return False
+    return any(path.glob("*.safetensors")) or any(path.glob("*.bin")) or any(path.glob("global_step*"))
+
+
+def checkpoints(output_dir: str | Path) -> list[Path]:
+    """checkpoint-N dirs in step order (complete or not)."""
+    root = Path(output_dir)
+    if not root.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in root.iterdir() if p.is_dir() and (m := CHECKPOINT_RE.match(p.name))]
+    return [p for _, p in sorted(found)]
+
+
+def latest_complete_checkpoint(output_dir: str | Path) -> Path | None:
+    complete = [p for p in checkpoints(output_dir) if is_complete_checkpoint(p)]
+    return complete[-1] if complete else None
+
+
+def save_final_atomic(trainer: Trainer, processor, final_dir: str | Path) -> Path:
+    """Write model (+ processor) to a temp dir next to `final_dir`, then rename it into place.
+
+    Every rank calls this (DeepSpeed ZeRO-3 and FSDP gather weights collectively in `save_model`); only the
+    main process writes and renames.
+    """
+    final_dir = Path(final_dir)
+    tmp = final_dir.with_name(f".{final_dir.name}.tmp")
+    if trainer.args.should_save and tmp.exists():
+        shutil.rmtree(tmp)
+    trainer.accelerator.wait_for_everyone()
+    trainer.save_model(str(tmp))
+    if trainer.args.should_save:
+        if processor is not None:
+            processor.save_pretrained(str(tmp))
+        # The training arguments HF drops into the folder are for resuming, not for loading the model.
+        (tmp / "training_args.bin").unlink(missing_ok=True)
+        old = final_dir.with_name(f".{final_dir.name}.old")
+        if final_dir.exists():
+            if old.exists():
+                shutil.rmtree(old)
+            os.replace(final_dir, old)
+        os.replace(tmp, final_dir)
+        if old.exists():
+            shutil.rmtree(old)
+    trainer.accelerator.wait_for_everyone()
+    return final_dir
