@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from . import compat
 from .learner import LoRRALearner
 from .router import RouterDispatchConfig, RouterProbe, WingsRouter
 from .state import WingsState
@@ -50,7 +51,8 @@ class WingsAttention(nn.Module):
         if self.router is None:
             return None
         values = self.router.value_matrix(state.key_positions, state.key_segments, self.router.linear.weight.dtype)
-        return RouterProbe(values, state.query_positions, state.key_positions, state.key_valid, state.router_impl)
+        return RouterProbe(values, state.query_positions, state.key_positions, state.key_valid, state.router_impl,
+                           plain_causal=state.plain_causal)
 
     def learner_delta(self, hidden: torch.Tensor, state: WingsState, query_rope, probe: RouterProbe | None):
         """hidden: h' [B, T, d] -> w_v * Vis(h') + w_t * Txt(h') (or their plain sum without a router)."""
@@ -62,7 +64,8 @@ class WingsAttention(nn.Module):
             if keys is None:  # e.g. a text-only batch for the visual learner
                 outs[kind] = learner.anchor() if self.training else None
                 continue
-            outs[kind] = learner(hidden, state.query_positions, query_rope, keys)
+            mask = None if state.compat_official is None else compat.learner_mask(kind, keys, state.query_positions)
+            outs[kind] = learner(hidden, state.query_positions, query_rope, keys, mask=mask)
         vis, txt = outs.get("visual"), outs.get("textual")
         if self.router is None or probe is None:
             return sum(o for o in (vis, txt) if o is not None) if (vis is not None or txt is not None) else 0.0
@@ -74,6 +77,8 @@ class WingsAttention(nn.Module):
         weights = self.router(probe.summary)  # [B, T, 2]
         if state.record is not None:
             state.record[self.layer_idx] = weights.detach()
+        if state.compat_official is not None:  # the released model's double add (compat.py)
+            return compat.combine(vis, txt, weights, state)
         # A sample without any image skips the visual learner and keeps the textual learner at full weight.
         w_vis = weights[..., :1]
         w_txt = torch.where(state.has_image[:, None, None], weights[..., 1:], torch.ones_like(weights[..., 1:]))

@@ -9,6 +9,7 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 from transformers.utils.deprecation import deprecate_kwarg
 
 from ..configuration import WingsConfig, has_cls_token
+from .compat import apply_official, use_cache_official
 from .inject import decoder_layers, inject_learners
 from .learner import LowRankLinear
 from .projector import build_projector
@@ -152,14 +153,19 @@ class WingsForConditionalGeneration(WingsPreTrainedModel, GenerationMixin):
         if self.config.mode == "wings":
             if use_cache is None:
                 use_cache = self.config.text_config.use_cache and not self.training
+            if self.config.compat == "official":
+                use_cache = use_cache_official(cache, use_cache)
             if use_cache and cache is None:
-                from transformers import DynamicCache
+                from ..generation.cache import WingsDynamicCache
 
-                cache = DynamicCache(config=self.config.text_config)
+                cache = WingsDynamicCache(config=self.config.text_config)
             state = build_state(
                 inputs_embeds, is_image, attention_mask, position_ids, self.language_model.model.rotary_emb,
                 cache_obj=cache if use_cache else None, router_impl=self.config.router_impl,
             )
+            if self.config.compat == "official":
+                apply_official(state, inputs_embeds, is_image, attention_mask, position_ids,
+                               self.language_model.model.rotary_emb, self.config)
             state.record = wings_record
             kwargs["wings_state"] = state
         return self.language_model(
@@ -172,6 +178,28 @@ class WingsForConditionalGeneration(WingsPreTrainedModel, GenerationMixin):
             logits_to_keep=logits_to_keep,
             **kwargs,
         )
+
+    def _prepare_cache_for_generation(self, generation_config, model_kwargs, *args, **kwargs):
+        # A cache class that keeps the learner cache in step (beams, crops); none at all in official compat.
+        from ..generation.cache import prepare_generation_cache
+
+        base = super()._prepare_cache_for_generation
+        prepare_generation_cache(self, base, generation_config, model_kwargs, *args, **kwargs)
+
+    def _expand_inputs_for_generation(self, expand_size=1, is_encoder_decoder=False, input_ids=None,
+                                      **model_kwargs):
+        # pixel_values hold images, not samples: repeat each sample's images as a block (num_return_sequences).
+        pixel_values = model_kwargs.pop("pixel_values", None)
+        if pixel_values is not None and expand_size > 1:
+            from ..generation.cache import expand_pixel_values
+
+            pixel_values = expand_pixel_values(input_ids, pixel_values, expand_size, self.config.image_token_id,
+                                               self.config.image_seq_length)
+        input_ids, model_kwargs = super()._expand_inputs_for_generation(
+            expand_size, is_encoder_decoder, input_ids, **model_kwargs
+        )
+        model_kwargs["pixel_values"] = pixel_values
+        return input_ids, model_kwargs
 
     def prepare_inputs_for_generation(self, input_ids, cache=None, pixel_values=None, is_first_iteration=False,
                                       **kwargs):

@@ -1,0 +1,117 @@
+"""`wings chat MODEL_DIR [--image PATH ...] [PROMPT]`: one answer, or an interactive multi-turn chat."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from . import CLIError
+
+REPL_HELP = "commands: /image PATH (attach to the next message), /reset (clear history), /exit"
+
+
+def register(sub) -> None:
+    p = sub.add_parser("chat", help="chat with a model (one answer with PROMPT, interactive without)",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("model_dir", metavar="MODEL_DIR", help="a saved Wings/LLaVA model directory")
+    p.add_argument("prompt", metavar="PROMPT", nargs="?", help="answer this once and exit")
+    p.add_argument("--image", action="append", default=[], metavar="PATH", help="image for the first message")
+    p.add_argument("--device", default="auto", help="auto (CUDA, then MPS, then CPU), cpu, cuda, cuda:1, mps")
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
+    p.add_argument("--max-new-tokens", type=int, default=256)
+    p.add_argument("--do-sample", action="store_true", help="sample instead of greedy decoding")
+    p.add_argument("--temperature", type=float, default=None)
+    p.add_argument("--top-p", type=float, default=None)
+    p.add_argument("--top-k", type=int, default=None)
+    p.add_argument("--repetition-penalty", type=float, default=None)
+    p.add_argument("--stop", action="append", default=[], metavar="TEXT", help="stop when this text appears")
+    p.add_argument("--system", default=None,
+                   help="system prompt (default: none; 'You are a helpful assistant.' for compat=official models)")
+    p.add_argument("--seed", type=int, default=None, help="random seed for sampling")
+    p.add_argument("--no-stream", action="store_true", help="print each answer whole instead of token by token")
+    p.set_defaults(func=run)
+
+
+def generation_settings(args) -> dict:
+    if args.max_new_tokens < 1:
+        raise CLIError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
+    settings: dict = {"max_new_tokens": args.max_new_tokens, "do_sample": args.do_sample}
+    sampling = {"temperature": args.temperature, "top_p": args.top_p, "top_k": args.top_k}
+    if not args.do_sample and any(v is not None for v in sampling.values()):
+        raise CLIError("--temperature/--top-p/--top-k need --do-sample")
+    settings.update({k: v for k, v in sampling.items() if v is not None})
+    if args.repetition_penalty is not None:
+        settings["repetition_penalty"] = args.repetition_penalty
+    if args.stop:
+        settings["stop_strings"] = list(args.stop)
+    return settings
+
+
+def run(args) -> int:
+    import torch
+
+    from ..generation import OFFICIAL_SYSTEM_PROMPT, ChatSession, load_chat_model, load_image
+
+    settings = generation_settings(args)
+    images = [load_image(path) for path in args.image]  # fail on a bad file before loading the model
+    model, processor = load_chat_model(args.model_dir, device=args.device, dtype=args.dtype)
+    if args.seed is not None:
+        torch.manual_seed(args.seed)
+    system = args.system
+    if system is None and getattr(model.config, "compat", "none") == "official":
+        system = OFFICIAL_SYSTEM_PROMPT
+    session = ChatSession(model, processor, system_prompt=system, generation=settings)
+    session.pending.extend(images)
+    if len(images) > 1 and getattr(model.config, "compat", "none") == "official":
+        raise CLIError("compat='official' models read one image per conversation")
+    if args.prompt is not None:
+        answer(session, args.prompt, stream=not args.no_stream)
+        return 0
+    return repl(session, stream=not args.no_stream)
+
+
+def answer(session, text: str, stream: bool) -> str:
+    """Print the reply to stdout (token by token when streaming) and return it."""
+    if not stream:
+        reply = session.ask(text)
+        print(reply, flush=True)
+        return reply
+    pieces = []
+    for piece in session.ask_stream(text):
+        pieces.append(piece)
+        print(piece, end="", flush=True)
+    print(flush=True)
+    return "".join(pieces)
+
+
+def repl(session, stream: bool) -> int:
+    from rich.console import Console
+
+    console = Console(stderr=True, highlight=False)
+    console.print(f"[bold]wings chat[/bold]: {REPL_HELP}")
+    while True:
+        try:
+            line = input(">>> ").strip()
+        except EOFError:
+            print(file=sys.stderr)
+            return 0
+        if not line:
+            continue
+        if line in ("/exit", "/quit"):
+            return 0
+        try:
+            if line == "/reset":
+                session.reset()
+                console.print("[dim]history cleared[/dim]")
+            elif line.startswith("/image"):
+                path = line[len("/image"):].strip()
+                if not path:
+                    raise ValueError("usage: /image PATH")
+                session.attach(path)
+                console.print(f"[dim]attached {path} to the next message[/dim]")
+            elif line.startswith("/"):
+                console.print(f"unknown command {line.split()[0]}; {REPL_HELP}")
+            else:
+                answer(session, line, stream)
+        except (ValueError, FileNotFoundError) as err:  # a bad turn must not end the conversation
+            console.print(f"[red]error:[/red] {err}")

@@ -1,0 +1,131 @@
+"""Keep the learner cache in step with the KV cache through everything `generate` does to it.
+
+The learner keys and the router's per-key metadata live on the HF cache object (`cache.wings_cache`, see
+modeling/state.py). Plain greedy/sampling decoding only appends, which `build_state` handles; beam search
+reorders the batch, prompt-lookup/assisted decoding crops rejected tokens, and `num_return_sequences`
+expands the batch. `WingsDynamicCache` applies each of those operations to the learner cache too.
+"""
+
+from __future__ import annotations
+
+import torch
+from transformers import DynamicCache
+
+from ..modeling.learner import LearnerKeys
+from ..modeling.router import SEG_IMAGE
+from ..modeling.state import LearnerCache
+
+
+class WingsDynamicCache(DynamicCache):
+    """A `DynamicCache` whose batch and length operations also apply to the attached `wings_cache`.
+
+    It adds behaviour only, no state of its own (the learner cache is attached lazily by `build_state`),
+    so a plain `DynamicCache` can be upgraded in place (`upgrade_cache`).
+    """
+
+    @property
+    def _learner(self) -> LearnerCache | None:
+        return getattr(self, "wings_cache", None)
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        super().reorder_cache(beam_idx)
+        if self._learner is not None:
+            self._learner.select_batch(beam_idx.to(_device_of(self._learner, beam_idx)))
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        super().batch_select_indices(indices)
+        if self._learner is not None:
+            self._learner.select_batch(indices.to(_device_of(self._learner, indices)))
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        super().batch_repeat_interleave(repeats)
+        learner = self._learner
+        if learner is not None and learner.key_positions is not None:
+            batch = learner.key_positions.shape[0]
+            learner.select_batch(torch.arange(batch, device=learner.key_positions.device).repeat_interleave(repeats))
+
+    def crop(self, tokens_to_remove: int) -> None:
+        super().crop(tokens_to_remove)
+        learner = self._learner
+        if learner is not None and learner.key_positions is not None:
+            crop_learner_cache(learner, self.get_seq_length())
+
+
+def _device_of(learner: LearnerCache, fallback: torch.Tensor) -> torch.device:
+    return learner.key_positions.device if learner.key_positions is not None else fallback.device
+
+
+def crop_learner_cache(learner: LearnerCache, new_length: int) -> None:
+    """Forget the tokens at buffer columns >= new_length: their metadata and the learner keys they produced."""
+    positions, valid = learner.key_positions, learner.key_valid
+    if new_length >= positions.shape[1]:
+        return
+    removed = positions[:, new_length:].masked_fill(~valid[:, new_length:], torch.iinfo(positions.dtype).max)
+    first_removed = removed.min(dim=1).values  # [B]: every key at or after this true position goes
+    learner.key_positions = positions[:, :new_length]
+    learner.key_segments = learner.key_segments[:, :new_length]
+    learner.key_valid = valid[:, :new_length]
+    learner.seen_image = ((learner.key_segments == SEG_IMAGE) & learner.key_valid).any(dim=1)
+    learner.keys = {name: _drop_keys_from(keys, first_removed) for name, keys in learner.keys.items()}
+
+
+def _drop_keys_from(keys: LearnerKeys, first_removed: torch.Tensor) -> LearnerKeys:
+    keep = keys.valid & (keys.positions < first_removed[:, None])
+    # Removed tokens are the newest, so their keys sit after every kept key of the row: trim the columns past
+    # the last kept key, and mask whatever removed keys remain in rows that keep more.
+    column = torch.arange(keep.shape[1], device=keep.device)
+    n = int(torch.where(keep, column, -1).max()) + 1 if keep.numel() else 0
+    return LearnerKeys(keys.key[:, :, :n], keys.value[:, :, :n], keys.positions[:, :n], keep[:, :n])
+
+
+def upgrade_cache(cache) -> None:
+    """Give a plain `DynamicCache` the learner-aware batch/length operations (class swap, no data copied)."""
+    if type(cache) is DynamicCache:
+        cache.__class__ = WingsDynamicCache
+
+
+def prepare_generation_cache(model, base_prepare, generation_config, model_kwargs: dict, *args, **kwargs) -> None:
+    """`_prepare_cache_for_generation` for Wings models: learner-aware caches, and none in official compat mode.
+
+    Also keeps `<image>` out of the output: a generated placeholder has no image to fill it and would break the
+    next step (`generation_config` is a per-call copy, the model's own is untouched).
+    """
+    image_token = model.config.image_token_id
+    generation_config.suppress_tokens = sorted({*(generation_config.suppress_tokens or []), image_token})
+    if generation_config.prompt_lookup_num_tokens and model_kwargs.get("pixel_values") is not None:
+        raise ValueError(
+            "prompt-lookup decoding copies prompt tokens as draft tokens, image placeholders included, which have "
+            "no image to fill them; use it with text-only prompts"
+        )
+    if model.config.compat == "official":
+        if model_kwargs.get("cache") is not None:
+            raise ValueError(
+                "compat='official' cannot decode with a KV cache (the released textual learner lets earlier tokens "
+                "attend to later ones, so every step recomputes the whole sequence); drop the `cache` argument"
+            )
+        generation_config.use_cache = False
+        return
+    base_prepare(generation_config, model_kwargs, *args, **kwargs)
+    cache = model_kwargs.get("cache")
+    if cache is None:
+        return
+    upgrade_cache(cache)
+    if not isinstance(cache, WingsDynamicCache) and generation_config.num_beams > 1:
+        raise ValueError(
+            f"beam search with a {type(cache).__name__} cannot keep the Wings learner cache in step; "
+            "use the default dynamic cache or use_cache=False"
+        )
+
+
+def expand_pixel_values(input_ids: torch.Tensor, pixel_values: torch.Tensor, expand_size: int,
+                        image_token_id: int, image_seq_length: int) -> torch.Tensor:
+    """pixel_values are per image, not per sample: repeat each sample's images as a block, `expand_size` times."""
+    counts = ((input_ids == image_token_id).sum(dim=1) // image_seq_length).tolist()
+    if sum(counts) != pixel_values.shape[0]:
+        raise ValueError(
+            f"the prompts hold {sum(counts)} images' worth of image tokens but {pixel_values.shape[0]} images "
+            "were given"
+        )
+    starts = [sum(counts[:i]) for i in range(len(counts))]
+    order = [s + j for s, n in zip(starts, counts, strict=True) for _ in range(expand_size) for j in range(n)]
+    return pixel_values[torch.tensor(order, dtype=torch.long, device=pixel_values.device)]
