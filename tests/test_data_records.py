@@ -7,6 +7,7 @@ import shutil
 
 import easy_vqa
 import pytest
+import torch
 
 from wings.data import REASONS, build_dataset
 from wings.processing import IMAGE_TOKEN
@@ -152,3 +153,26 @@ def test_file_level_errors(tmp_path, processor):
         build_dataset(empty, processor, progress=False)
     with pytest.raises(ValueError, match="policy"):
         build_dataset(empty, processor, policy="ignore")
+
+
+def test_an_image_that_breaks_after_the_scan_follows_the_policy(tmp_path, images, processor):
+    data = write_jsonl(tmp_path / "d.jsonl", GOOD)
+    skip = build_dataset(data, processor, progress=False)
+    strict = build_dataset(data, processor, policy="error", progress=False)
+    (images / "0.png").write_bytes(b"overwritten")
+    with pytest.warns(UserWarning, match=r"d\.jsonl:line 1 \(record id='single'\): corrupt_image"):
+        item = skip[0]
+    assert torch.equal(item["input_ids"], skip[1]["input_ids"])  # the next record stands in, deterministically
+    assert skip.lazy_failures and len(skip) == 3
+    with pytest.raises(ValueError, match=r"d\.jsonl:line 1 \(record id='single'\): corrupt_image"):
+        strict[0]
+
+
+def test_a_record_whose_only_image_is_truncated_away_becomes_text(tmp_path, images, processor):
+    record = {"id": "late", "image": "img/0.png",
+              "conversations": conv(("human", "hi"), ("gpt", "hello"), ("human", "<image>\nand this?"), ("gpt", "a"))}
+    data = write_jsonl(tmp_path / "d.jsonl", [record])
+    ds = build_dataset(data, processor, max_length=20, progress=False)
+    assert ds.modality == ["text"] and "pixel_values" not in ds[0]
+    assert processor.tokenizer.decode([t for t in ds[0]["labels"].tolist() if t != -100]) == "hello<|im_end|>"
+    assert build_dataset(data, processor, max_length=200, progress=False).modality == ["image"]
