@@ -10,9 +10,24 @@ from . import CLIError
 REPL_HELP = "commands: /image PATH (attach to the next message), /reset (clear history), /exit"
 
 
+class _IntermixedParser(argparse.ArgumentParser):
+    """Accepts PROMPT after options (`wings chat DIR --image X "question"`), which Python 3.11's argparse
+    refuses for an optional positional that follows a required one."""
+
+    def parse_known_args(self, args=None, namespace=None):
+        if getattr(self, "_intermixing", False):  # parse_known_intermixed_args calls back into this method
+            return super().parse_known_args(args, namespace)
+        self._intermixing = True
+        try:
+            return self.parse_known_intermixed_args(args, namespace)
+        finally:
+            self._intermixing = False
+
+
 def register(sub) -> None:
     p = sub.add_parser("chat", help="chat with a model (one answer with PROMPT, interactive without)",
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.__class__ = _IntermixedParser  # behaviour only, no new state
     p.add_argument("model_dir", metavar="MODEL_DIR", help="a saved Wings/LLaVA model directory")
     p.add_argument("prompt", metavar="PROMPT", nargs="?", help="answer this once and exit")
     p.add_argument("--image", action="append", default=[], metavar="PATH", help="image for the first message")
@@ -49,11 +64,13 @@ def generation_settings(args) -> dict:
 
 def run(args) -> int:
     import torch
+    from transformers.utils import logging as hf_logging
 
     from ..generation import OFFICIAL_SYSTEM_PROMPT, ChatSession, load_chat_model, load_image
 
     settings = generation_settings(args)
     images = [load_image(path) for path in args.image]  # fail on a bad file before loading the model
+    hf_logging.disable_progress_bar()  # stdout/stderr are for the conversation
     model, processor = load_chat_model(args.model_dir, device=args.device, dtype=args.dtype)
     if args.seed is not None:
         torch.manual_seed(args.seed)
