@@ -58,12 +58,13 @@ class RouterProbe:
     """Carries the router's per-key values into the attention function and its summary back out."""
 
     def __init__(self, values: torch.Tensor, query_positions: torch.Tensor, key_positions: torch.Tensor,
-                 key_valid: torch.Tensor, impl: str):
+                 key_valid: torch.Tensor, impl: str, plain_causal: bool = False):
         self.values = values  # [B, S, C]
         self.query_positions = query_positions  # [B, T]
         self.key_positions = key_positions  # [B, S]
         self.key_valid = key_valid  # [B, S]
         self.impl = impl
+        self.plain_causal = plain_causal  # keys == queries at positions 0..T-1, all valid
         self.summary: torch.Tensor | None = None  # [B, T, C] once the attention ran
 
     def mask(self, T: int) -> torch.Tensor:
@@ -87,12 +88,16 @@ class RouterProbe:
             probs = scores.masked_fill(~mask, float("-inf")).softmax(dim=-1)  # [B, H, T, S]
             self.summary = (probs.sum(dim=1) @ self.values.float()).to(query.dtype)
             return
-        # Heads sharing a KV head become extra query rows of that KV head: no key copies (GQA-friendly).
-        grouped_q = query.reshape(B, Hkv, groups * T, D)
-        grouped_mask = mask.repeat(1, 1, groups, 1)  # [B, 1, g*T, S]
-        values = self.values[:, None].expand(B, Hkv, S, self.values.shape[-1]).to(query.dtype)
-        out = F.scaled_dot_product_attention(grouped_q, key, values, attn_mask=grouped_mask, scale=scaling)
-        self.summary = out.reshape(B, Hkv, groups, T, -1).sum(dim=(1, 2))  # [B, T, C]
+        # The C value channels are zero-padded to head_dim so the fused (flash / memory-efficient) kernels
+        # accept them: O(T) memory, where a 2-wide value would fall back to the O(T*S) math kernel.
+        C = self.values.shape[-1]
+        values = F.pad(self.values.to(query.dtype), (0, D - C)) if C < D else self.values.to(query.dtype)
+        values = values[:, None].expand(B, Hkv, S, values.shape[-1])
+        if self.plain_causal and S == T:  # no padding, no cache: the kernel's own causal mask is the same mask
+            out = F.scaled_dot_product_attention(query, key, values, is_causal=True, scale=scaling, enable_gqa=True)
+        else:
+            out = F.scaled_dot_product_attention(query, key, values, attn_mask=mask, scale=scaling, enable_gqa=True)
+        self.summary = out[..., :C].sum(dim=1)  # [B, T, C]
 
 
 def _router_attention(base_impl: str):

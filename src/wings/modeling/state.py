@@ -57,6 +57,7 @@ class WingsState:
     textual_tokens: TokenSet | None
     cache: LearnerCache | None = None
     router_impl: str = "sdpa"
+    plain_causal: bool = False  # every key valid at position == index, no cache: a plain causal mask suffices
     record: dict[int, torch.Tensor] | None = None  # layer -> router weights, when analysis asks
     compat_official: dict | None = None  # official-compat extras (see compat.py)
 
@@ -134,7 +135,17 @@ def build_state(
             has_image = has_image | cache.seen_image
         cache.key_positions, cache.key_segments, cache.key_valid = key_positions, key_segments, key_valid
         cache.seen_image = has_image
+    # Right padding (or none) without a cache: valid tokens form a prefix at positions 0..n-1, so for every
+    # valid query the plain causal mask hides exactly the padding keys too (they come after it).
+    T = position_ids.shape[1]
+    arange = torch.arange(T, device=position_ids.device)
+    plain_causal = (
+        key_positions.shape[1] == T
+        and bool((valid == (arange[None] < valid.sum(1, keepdim=True))).all())
+        and bool((position_ids == arange[None])[valid].all())
+    )
     return WingsState(
+        plain_causal=plain_causal,
         query_positions=position_ids,
         key_positions=key_positions,
         key_segments=key_segments,

@@ -1,0 +1,115 @@
+"""Forward+backward+AdamW step of a Wings model vs the same backbone in `llava` mode (same batch with images).
+
+Each (mode, shape) runs in a fresh subprocess so that peak RSS is its own. Prints medians and ratios:
+
+    python benchmarks/bench_train_step.py                 # default shapes (small: B4 x T256, long: B1 x T2048)
+    python benchmarks/bench_train_step.py --hidden 1024   # wider LLM: learners are a smaller share
+
+Memory: peak RSS growth of the process during the step (ru_maxrss after the steps minus RSS before them).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+
+
+def rss_kib() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") // 1024
+
+
+def run_one(args) -> dict:
+    import torch
+
+    from wings.builder import TinySpec, build_tiny, train_tiny_tokenizer
+
+    torch.manual_seed(0)
+    spec = TinySpec(hidden=args.hidden, layers=args.layers, heads=args.heads, kv_heads=args.kv_heads,
+                    intermediate=args.intermediate, vocab=1000, max_positions=4096, tie_embeddings=False,
+                    image_size=64, patch_size=8, vision_hidden=192, vision_layers=2)
+    tok = train_tiny_tokenizer(1000)
+    extra = {} if args.mode == "llava" else {"router_impl": args.router_impl, "router_max_positions": 4096}
+    model, processor = build_tiny(spec, tokenizer=tok, mode=args.mode, rank=args.rank, router=args.router, **extra)
+    model.train()
+    B, T = args.batch, args.seq
+    n_img = processor.image_seq_length
+    ids = torch.randint(10, 900, (B, T))
+    ids[:, 8:8 + n_img] = processor.image_token_id  # one image per sample, after a short prefix
+    pixels = torch.randn(B, 3, 64, 64)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
+
+    def step():
+        loss = model(input_ids=ids, pixel_values=pixels, labels=ids).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    step()  # warm-up: allocates optimizer state and grads
+    before = rss_kib()
+    times = []
+    for _ in range(args.repeats):
+        t0 = time.perf_counter()
+        step()
+        times.append(time.perf_counter() - t0)
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return {"median_s": statistics.median(times), "peak_growth_mib": max(peak - before, 0) / 1024,
+            "peak_rss_mib": peak / 1024, "params_m": sum(p.numel() for p in model.parameters()) / 1e6}
+
+
+def spawn(base_argv: list[str], **overrides) -> dict:
+    argv = [sys.executable, __file__, "--child"] + base_argv
+    for k, v in overrides.items():
+        argv += [f"--{k.replace('_', '-')}", str(v)]
+    out = subprocess.run(argv, check=True, capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--mode", default="wings")
+    p.add_argument("--router-impl", default="sdpa")
+    p.add_argument("--router", default="position")
+    p.add_argument("--batch", type=int, default=4)
+    p.add_argument("--seq", type=int, default=256)
+    p.add_argument("--hidden", type=int, default=512)
+    p.add_argument("--layers", type=int, default=2)
+    p.add_argument("--heads", type=int, default=8)
+    p.add_argument("--kv-heads", type=int, default=4)
+    p.add_argument("--intermediate", type=int, default=1408)
+    p.add_argument("--rank", type=int, default=64)
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--long-seq", type=int, default=2048)
+    args = p.parse_args()
+    if args.child:
+        print(json.dumps(run_one(args)))
+        return
+    common = ["--hidden", str(args.hidden), "--layers", str(args.layers), "--heads", str(args.heads),
+              "--kv-heads", str(args.kv_heads), "--intermediate", str(args.intermediate), "--rank", str(args.rank),
+              "--repeats", str(args.repeats), "--router", args.router]
+    print(f"LLM hidden {args.hidden}, {args.layers} layers, {args.heads} heads / {args.kv_heads} kv, "
+          f"ffn {args.intermediate}, learner rank {args.rank}, router {args.router}; SigLIP 64px/8 = 64 image tokens; "
+          f"torch threads {os.environ.get('OMP_NUM_THREADS', 'default')}")
+    for label, batch, seq in (("small", args.batch, args.seq), ("long", 1, args.long_seq)):
+        llava = spawn(common, mode="llava", batch=batch, seq=seq)
+        wings = spawn(common, mode="wings", batch=batch, seq=seq, router_impl="sdpa")
+        eager = spawn(common, mode="wings", batch=batch, seq=seq, router_impl="eager")
+        print(f"\n[{label}] batch {batch} x {seq} tokens (params: llava {llava['params_m']:.2f}M, "
+              f"wings {wings['params_m']:.2f}M)")
+        print(f"  {'variant':<28}{'step s (median)':>16}{'time ratio':>12}{'peak growth MiB':>17}{'mem ratio':>11}")
+        for name, r in (("llava (baseline)", llava), ("wings, SDPA router", wings), ("wings, eager router", eager)):
+            t_ratio = r["median_s"] / llava["median_s"]
+            m_ratio = r["peak_rss_mib"] / llava["peak_rss_mib"]
+            print(f"  {name:<28}{r['median_s']:>16.3f}{t_ratio:>12.2f}{r['peak_growth_mib']:>17.1f}{m_ratio:>11.2f}")
+    print("\nmem ratio = peak process RSS / baseline's peak RSS (weights, optimizer state and activations).")
+
+
+if __name__ == "__main__":
+    main()
