@@ -6,8 +6,8 @@ import copy
 
 import pytest
 import torch
-from conftest import randomize_wings_
 
+from conftest import randomize_wings_
 from wings.modeling import detach_learners
 
 FAMILIES = ["qwen2", "llama", "mistral", "qwen3"]
@@ -80,7 +80,9 @@ def test_randomised_learners_change_the_output(make_tiny):
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("router", ["position", "segment"])
-@pytest.mark.parametrize("llm,vision", [("qwen2", "siglip"), ("llama", "clip"), ("mistral", "siglip"), ("qwen3", "clip")])
+@pytest.mark.parametrize(
+    "llm,vision", [("qwen2", "siglip"), ("llama", "clip"), ("mistral", "siglip"), ("qwen3", "clip")]
+)
 def test_causality_with_and_without_images(make_tiny, llm, vision, router, dtype):
     model, processor = setup(make_tiny, llm=llm, vision=vision, dtype=dtype, router=router)
     with torch.no_grad():

@@ -6,10 +6,10 @@ import json
 
 import pytest
 import torch
-from conftest import randomize_wings_
 from PIL import Image
 from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText, AutoProcessor
 
+from conftest import randomize_wings_
 from wings import WingsConfig, WingsForConditionalGeneration
 from wings.builder import init_from_pretrained, save
 from wings.cli import main as cli_main

@@ -121,7 +121,7 @@ def flatten_images(images, texts: list[str]) -> list:
     if images and all(isinstance(x, (list, tuple)) for x in images):
         if len(images) != len(texts):
             raise ValueError(f"got image lists for {len(images)} samples but {len(texts)} texts")
-        for i, (sample_text, sample_images) in enumerate(zip(texts, images)):
+        for i, (sample_text, sample_images) in enumerate(zip(texts, images, strict=True)):
             if sample_text.count(IMAGE_TOKEN) != len(sample_images):
                 raise ValueError(
                     f"sample {i}: the text has {sample_text.count(IMAGE_TOKEN)} `<image>` placeholders "

@@ -68,7 +68,7 @@ class RouterProbe:
         self.summary: torch.Tensor | None = None  # [B, T, C] once the attention ran
 
     def mask(self, T: int) -> torch.Tensor:
-        """[B, 1, T, S] bool: causal on true positions, padding keys hidden (same probabilities as the main attention)."""
+        """[B, 1, T, S] bool: causal on true positions, padding keys hidden (the main attention's probabilities)."""
         mask = self.key_valid[:, None, :] & (self.key_positions[:, None, :] <= self.query_positions[:, -T:, None])
         mask = mask | ~mask.any(dim=-1, keepdim=True)  # a fully hidden (padding) row must not give NaN
         return mask[:, None]
