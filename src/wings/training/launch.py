@@ -61,8 +61,9 @@ def training_arguments(config: TrainConfig) -> TrainingArguments:
         gradient_accumulation_steps=t.grad_accum,
         bf16=t.precision == "bf16",
         fp16=t.precision == "fp16",
-        gradient_checkpointing=t.gradient_checkpointing,
-        gradient_checkpointing_kwargs={"use_reentrant": False} if t.gradient_checkpointing else None,
+        # (HF's new names for gradient_checkpointing[_kwargs]); non-reentrant works with frozen inputs and kwargs
+        activation_checkpointing=t.gradient_checkpointing,
+        activation_checkpointing_kwargs={"use_reentrant": False} if t.gradient_checkpointing else None,
         seed=t.seed,
         data_seed=t.seed,
         save_strategy="steps",
