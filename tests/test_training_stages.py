@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from transformers import AutoModelForImageTextToText, TrainerCallback
+from transformers import AutoModelForImageTextToText, AutoProcessor, TrainerCallback
 
 from wings.cli import main as wings_main
 from wings.training import classify, load_config, train
@@ -81,8 +81,18 @@ def stage_runs(tiny_model_dir, data_files, tmp_path_factory):
                         "groups.textual_learner.lr=5e-3", "groups.router.lr=5e-3")
     torch.manual_seed(cfg2.train.seed)  # the same fresh textual learners / router that train() starts from
     before2 = params(load_stage_model(cfg2))
-    r2 = train(cfg2)
-    return {"r1": r1, "r2": r2, "before1": before1, "before2": before2}
+    probe = CheckpointingProbe()
+    r2 = train(cfg2, callbacks=[probe])
+    return {"r1": r1, "r2": r2, "before1": before1, "before2": before2, "checkpointing": probe.seen}
+
+
+class CheckpointingProbe(TrainerCallback):
+    """Records whether the Trainer switched gradient checkpointing on in the decoder layers."""
+
+    seen = None
+
+    def on_step_end(self, args, state, control, model=None, **kwargs):
+        self.seen = all(layer.gradient_checkpointing for layer in model.language_model.model.layers)
 
 
 def test_stage1_then_stage2_losses_fall(stage_runs):
@@ -116,7 +126,9 @@ def test_stage2_adds_fresh_parts_and_trains_all_but_vision(stage_runs):
     after = AutoModelForImageTextToText.from_pretrained(r2.final_dir)
     assert after.config.use_textual_learner and after.config.use_router
     assert_only_groups_changed(before, params(after), trained)
-    assert (r2.final_dir / "tokenizer_config.json").is_file() or (r2.final_dir / "tokenizer.json").is_file()
+    assert stage_runs["checkpointing"] is True  # stage 2 ran with (non-reentrant) gradient checkpointing
+    processor = AutoProcessor.from_pretrained(r2.final_dir)
+    assert processor.image_seq_length == after.config.image_seq_length
     assert json.loads((r2.output_dir / "data_report.json").read_text())
 
 
@@ -160,11 +172,12 @@ def test_cli_lora_stage2_saves_a_loadable_merged_model(stage_runs, data_files, t
         "--output-dir", str(out), "--max-steps", "3", "--batch-size", "4",
         *[x for s in FAST for x in ("--set", s)], "--set", "train.save_steps=100",
         "--set", "lora.enabled=true", "--set", "groups.llm.train=false", "--set", "lora.r=4",
-        "--set", "lora.lr=1e-2", "--set", "train.precision=bf16",
+        "--set", "lora.lr=1e-2", "--set", "train.precision=bf16", "--set", "train.report_to=[tensorboard]",
     ])
     printed = capsys.readouterr().out
     assert rc == 0
     assert f"model + processor: {out / 'final'}" in printed and "lora" in printed
+    assert f"TensorBoard logs: {out / 'runs'}" in printed and list((out / "runs").rglob("events.out.tfevents*"))
     merged = AutoModelForImageTextToText.from_pretrained(out / "final")
     after = params(merged)
     assert not any("lora_" in n for n in after)

@@ -138,6 +138,10 @@ def train(config: TrainConfig, train_dataset=None, data_collator=None, callbacks
         processing_class=processor, callbacks=[recorder, *(callbacks or [])], group_lrs=lrs, group_weight_decays=wds,
         group_by_modality=config.data.group_by_modality,
     )
+    zero3 = trainer.is_deepspeed_enabled and trainer.accelerator.state.deepspeed_plugin.zero_stage == 3
+    if config.lora.enabled and zero3:
+        raise ValueError("lora.enabled with DeepSpeed ZeRO-3 is not supported (the adapters are merged into "
+                         "partitioned weights before the final save); use configs/deepspeed/zero2.json")
     if is_main_process():
         summary = ", ".join(f"{g} {n / 1e6:.3f}M @ lr {lrs[g]:g}" for g, n in sorted(trainable.items()))
         print(f"[wings train] stage {config.stage}: training {summary}", flush=True)
