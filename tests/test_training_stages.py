@@ -195,3 +195,25 @@ def test_cli_errors_are_one_line(tmp_path, capsys):
                      "--output-dir", str(tmp_path / "o"), "--set", "train.report_to=[]"])
     assert rc == 2 and "nope is not a directory" in capsys.readouterr().err
     shutil.rmtree(tmp_path / "o", ignore_errors=True)
+
+
+def test_llava_stage1_drops_learners_and_trains_only_the_projector(tiny_model_dir, data_files, tmp_path):
+    cfg = stage_config("llava_stage1", tiny_model_dir, data_files["images"], tmp_path / "llava",
+                       "train.max_steps=2", "train.batch_size=4", "train.save_steps=100")
+    before = params(load_stage_model(cfg))  # a wings init dir, loaded with mode=llava
+    assert not any(classify(n) in ("visual_learner", "textual_learner", "router") for n in before)
+    result = train(cfg)
+    after = AutoModelForImageTextToText.from_pretrained(result.final_dir)
+    assert after.config.mode == "llava" and set(result.trainable) == {"projector"}
+    assert_only_groups_changed(before, params(after), {"projector"})
+
+
+def test_mode_switch_on_load_keeps_the_base_weights(tiny_llava_dir, tmp_path):
+    cfg = load_config(CONFIGS / "wings_stage1.yaml", [f"model.path={tiny_llava_dir}", "model.overrides.mode=wings"])
+    model = load_stage_model(cfg)
+    base = params(AutoModelForImageTextToText.from_pretrained(tiny_llava_dir))
+    loaded = params(model)
+    for name, value in base.items():  # llava keys live under base_attn once the learners are added
+        key = name.replace(".self_attn.", ".self_attn.base_attn.") if name.startswith("language_model.") else name
+        assert torch.equal(value, loaded[key]), name
+    assert any(".visual." in n for n in loaded) and not any(".textual." in n for n in loaded)
