@@ -59,8 +59,8 @@ def run(args: argparse.Namespace) -> int:
     config = load_config(resolve_config_path(args.config), overrides + list(args.overrides))
     result = train(config)
     if int(os.environ.get("RANK", "0")) == 0:
-        last = f"{result.losses[-1]:.4f}" if result.losses else "n/a"
-        print(f"[wings train] {config.stage}: {result.global_step} steps, last logged loss {last}")
+        last = f", last logged loss {result.losses[-1]:.4f}" if result.losses else ""
+        print(f"[wings train] {config.stage}: {result.global_step} steps, mean loss {result.train_loss:.4f}{last}")
         print(f"[wings train] model + processor: {result.final_dir}")
         print(f"[wings train] checkpoints: {result.output_dir} ({len(result.checkpoints)} kept)")
         if result.log_dir is not None:

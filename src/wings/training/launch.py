@@ -30,7 +30,8 @@ class TrainResult:
     Attributes:
         final_dir: the HF-format model + processor directory.  output_dir: the run folder.
         steps / losses: every logged training loss and its optimizer step (one per step with logging_steps=1).
-        global_step: optimizer steps done.  trainable: trainable parameter count per group.
+        global_step: optimizer steps done.  train_loss: mean training loss of this run.
+        trainable: trainable parameter count per group.
         checkpoints: checkpoint dirs left in output_dir.  log_dir: TensorBoard folder (None without tensorboard).
         resumed_from: the checkpoint the run resumed from, if any.
     """
@@ -40,6 +41,7 @@ class TrainResult:
     steps: list[int] = field(default_factory=list)
     losses: list[float] = field(default_factory=list)
     global_step: int = 0
+    train_loss: float = float("nan")
     trainable: dict[str, int] = field(default_factory=dict)
     checkpoints: list[Path] = field(default_factory=list)
     log_dir: Path | None = None
@@ -146,7 +148,7 @@ def train(config: TrainConfig, train_dataset=None, data_collator=None, callbacks
         summary = ", ".join(f"{g} {n / 1e6:.3f}M @ lr {lrs[g]:g}" for g, n in sorted(trainable.items()))
         print(f"[wings train] stage {config.stage}: training {summary}", flush=True)
     resume = resolve_resume(config)
-    trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+    output = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
     if config.lora.enabled:
         merge_lora(trainer.model)  # the saved model is a plain Wings model again
     final_dir = save_final_atomic(trainer, processor, output_dir / "final")
@@ -155,7 +157,8 @@ def train(config: TrainConfig, train_dataset=None, data_collator=None, callbacks
         log_dir = output_dir / "runs"
     return TrainResult(
         final_dir=final_dir, output_dir=output_dir, steps=recorder.steps, losses=recorder.losses,
-        global_step=trainer.state.global_step, trainable=trainable, checkpoints=checkpoints(output_dir),
+        global_step=trainer.state.global_step, train_loss=float(output.training_loss), trainable=trainable,
+        checkpoints=checkpoints(output_dir),
         log_dir=log_dir, resumed_from=resume,
     )
 
