@@ -6,7 +6,7 @@ Official (a `WingsQwen2ForCausalLM` state dict)            ours (`WingsForCondit
   model.layers.{i}.attn_pool.{q,k,v,o}_proj.1.weight [H,r]    ... .visual.{..}_proj.up.weight
   model.layers.{i}.attn_t_pool.*                              ... .textual.*
   model.layers.{i}.reweight_module.linear.{weight,bias}       ... .self_attn.router.linear.{weight,bias}
-  model.layers.{i}.self_attn.*  (learner layer)               ... .self_attn.base_attn.*   (other layers: .self_attn.*)
+  model.layers.{i}.self_attn.*                                ... .self_attn.*  (or .self_attn.base_attn.* if wrapped)
   model.mm_projector.{n}.*                                    projector.{n}.*
   model.vision_tower.vision_tower.vision_model.*              vision_tower.*  (transformers 5 has no `vision_model.`)
   model.*, lm_head.weight                                     language_model.model.*, language_model.lm_head.weight
@@ -116,7 +116,10 @@ def map_key(name: str, layout: OfficialLayout, model_keys: set[str]) -> str | No
                 return candidate
         return None
     elif (m := ATTN_RE.match(name)) and int(m.group(1)) in learner_layers:
-        candidate = f"language_model.model.layers.{m.group(1)}.self_attn.base_attn.{m.group(2)}"
+        # A learner layer's own attention weights: under `base_attn` when the attention is wrapped, under their
+        # stock names when the learners hang off the attention module itself.
+        wrapped = f"language_model.model.layers.{m.group(1)}.self_attn.base_attn.{m.group(2)}"
+        candidate = wrapped if wrapped in model_keys else f"language_model.{name}"
     elif name.startswith("model.") or name.startswith("lm_head."):
         candidate = f"language_model.{name}"
     else:
