@@ -67,6 +67,23 @@ def test_stage1_to_stage2_adds_fresh_textual_learners_and_router(make_tiny, tmp_
             assert torch.equal(p, old[n]), n
 
 
+def test_base_weights_keep_stock_names_across_modes(make_tiny, tmp_path):
+    """A wings checkpoint loads as the llava baseline (learners dropped) and a llava one as fresh wings."""
+    wings_model, processor = make_tiny()
+    randomize_wings_(wings_model)
+    llava_model, _ = make_tiny(mode="llava")
+    assert set(llava_model.state_dict()) <= set(wings_model.state_dict())
+    save(wings_model, processor, tmp_path / "w")
+    save(llava_model, processor, tmp_path / "l")
+    as_llava = WingsForConditionalGeneration.from_pretrained(tmp_path / "w", mode="llava").eval()
+    as_wings = WingsForConditionalGeneration.from_pretrained(tmp_path / "l", mode="wings").eval()
+    batch = prompt_batch(processor)
+    with torch.no_grad():
+        reference = llava_model.eval()(**batch).logits
+        assert torch.equal(as_llava(**batch).logits, reference)
+        assert torch.equal(as_wings(**batch).logits, reference)  # fresh learners: no change
+
+
 def test_image_count_mismatch_names_both_counts(make_tiny):
     model, processor = make_tiny()
     batch = prompt_batch(processor, n_images=2)

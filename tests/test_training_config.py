@@ -91,7 +91,7 @@ def test_every_parameter_has_a_group(make_tiny):
     model, _ = make_tiny()
     groups = grouped_parameters(model)
     assert set(groups) == set(GROUPS)
-    assert classify("language_model.model.layers.0.self_attn.base_attn.q_proj.weight") == "llm"
+    assert classify("language_model.model.layers.0.self_attn.q_proj.weight") == "llm"
     assert classify("language_model.model.layers.0.self_attn.visual.q_proj.down.weight") == "visual_learner"
     assert classify("module.language_model.model.layers.1.self_attn.router.linear.bias") == "router"
     with pytest.raises(ValueError, match="belongs to no known group"):
@@ -136,8 +136,8 @@ def test_lora_targets_only_base_llm_linears_and_merges_exactly(make_tiny, random
     config = load_config(CONFIGS / "wings_stage2.yaml", ["lora.enabled=true", "groups.llm.train=false", "lora.r=4"])
     n = add_lora(model, config)
     lora_names = [name for name, _ in model.named_parameters() if "lora_" in name]
-    assert n == 2 * 7  # 2 layers x (q, k, v, o under base_attn + gate, up, down)
-    assert all(".base_attn." in name or ".mlp." in name for name in lora_names)
+    assert n == 2 * 7  # 2 layers x (attention q, k, v, o + MLP gate, up, down)
+    assert all(".self_attn." in name or ".mlp." in name for name in lora_names)
     assert not any(g in name for name in lora_names for g in (".visual.", ".textual.", ".router."))
     with torch.no_grad():  # B starts at 0; give it values so the merge has something to fold in
         for name, param in model.named_parameters():
@@ -157,8 +157,7 @@ def test_lora_regex_anchors_on_the_module_path():
     import re
 
     rx = re.compile(lora_target_regex(["q_proj", "down_proj"]))
-    assert rx.fullmatch("language_model.model.layers.3.self_attn.base_attn.q_proj")
-    assert rx.fullmatch("language_model.model.layers.3.self_attn.q_proj")  # llava mode: no wrapper
+    assert rx.fullmatch("language_model.model.layers.3.self_attn.q_proj")
     assert rx.fullmatch("language_model.model.layers.0.mlp.down_proj")
     assert not rx.fullmatch("language_model.model.layers.3.self_attn.visual.q_proj")
     assert not rx.fullmatch("language_model.model.layers.3.self_attn.visual.q_proj.down")

@@ -6,7 +6,7 @@ Official (a `WingsQwen2ForCausalLM` state dict)            ours (`WingsForCondit
   model.layers.{i}.attn_pool.{q,k,v,o}_proj.1.weight [H,r]    ... .visual.{..}_proj.up.weight
   model.layers.{i}.attn_t_pool.*                              ... .textual.*
   model.layers.{i}.reweight_module.linear.{weight,bias}       ... .self_attn.router.linear.{weight,bias}
-  model.layers.{i}.self_attn.*                                ... .self_attn.*  (or .self_attn.base_attn.* if wrapped)
+  model.layers.{i}.self_attn.*                                ... .self_attn.*  (stock names in every mode)
   model.mm_projector.{n}.*                                    projector.{n}.*
   model.vision_tower.vision_tower.vision_model.*              vision_tower.*  (transformers 5 has no `vision_model.`)
   model.*, lm_head.weight                                     language_model.model.*, language_model.lm_head.weight
@@ -24,7 +24,6 @@ ROUTER_RE = re.compile(r"^model\.layers\.(\d+)\.reweight_module\.linear\.(weight
 PROJECTOR_RE = re.compile(r"^model\.mm_projector\.(\d+)\.(weight|bias)$")
 VISION_PREFIX = "model.vision_tower.vision_tower."
 VISION_LAYER_RE = re.compile(r"encoder\.layers\.(\d+)\.")
-ATTN_RE = re.compile(r"^model\.layers\.(\d+)\.self_attn\.(.+)$")
 LEARNER_NAMES = {"attn_pool": "visual", "attn_t_pool": "textual"}
 LOW_RANK_NAMES = {"0": "down", "1": "up"}
 
@@ -98,7 +97,6 @@ def projector_type(linear_indices: list[int]) -> str:
 
 def map_key(name: str, layout: OfficialLayout, model_keys: set[str]) -> str | None:
     """Our state-dict key for an official key; None when our model has no such tensor (reported as left over)."""
-    learner_layers = set(layout.learner_layers)
     if m := LEARNER_RE.match(name):
         layer, kind, proj, part = m.groups()
         candidate = (f"language_model.model.layers.{layer}.self_attn.{LEARNER_NAMES[kind]}.{proj}."
@@ -115,11 +113,6 @@ def map_key(name: str, layout: OfficialLayout, model_keys: set[str]) -> str | No
             if candidate in model_keys:
                 return candidate
         return None
-    elif (m := ATTN_RE.match(name)) and int(m.group(1)) in learner_layers:
-        # A learner layer's own attention weights: under `base_attn` when the attention is wrapped, under their
-        # stock names when the learners hang off the attention module itself.
-        wrapped = f"language_model.model.layers.{m.group(1)}.self_attn.base_attn.{m.group(2)}"
-        candidate = wrapped if wrapped in model_keys else f"language_model.{name}"
     elif name.startswith("model.") or name.startswith("lm_head."):
         candidate = f"language_model.{name}"
     else:

@@ -33,8 +33,8 @@ QUERY_SETS = ("all", "after")
 
 
 def main_attention_modules(llm) -> list[torch.nn.Module]:
-    """Each decoder layer's own attention: the `base_attn` inside a Wings wrapper, else `self_attn`."""
-    return [getattr(layer.self_attn, "base_attn", layer.self_attn) for layer in decoder_layers(llm)]
+    """Each decoder layer's own attention module (Wings parts hang off it; its weights output is the stock one)."""
+    return [layer.self_attn for layer in decoder_layers(llm)]
 
 
 def segment_ids(input_ids: torch.Tensor, mask: torch.Tensor, image_token_id: int,

@@ -1,4 +1,4 @@
-from .attention import WingsAttention
+from .attention import attach_wings, detach_wings, is_wings_attention
 from .inject import detach_learners, inject_learners, wings_modules
 from .learner import LoRRALearner, LowRankLinear
 from .modeling_wings import WingsForConditionalGeneration, WingsPreTrainedModel
@@ -7,10 +7,12 @@ from .router import WingsRouter
 __all__ = [
     "LoRRALearner",
     "LowRankLinear",
-    "WingsAttention",
     "WingsForConditionalGeneration",
     "WingsPreTrainedModel",
     "WingsRouter",
+    "attach_wings",
+    "detach_wings",
+    "is_wings_attention",
     "detach_learners",
     "inject_learners",
     "wings_modules",

@@ -1,9 +1,13 @@
-"""`WingsAttention`: wraps one decoder layer's attention and adds the router-weighted learner outputs.
+"""Wings parts of one decoder layer, attached to the layer's own attention module by hooks.
 
-The decoder layer computes `h' = h + self_attn(LN1(h))`. The wrapper returns `attn + delta` with
-`delta = w_v * Vis(h') + w_t * Txt(h')`, so the layer's own residual add yields `h'' = h' + delta`
-exactly once, whatever the decoder family. `h` (the layer input) reaches the wrapper as the
+The decoder layer computes `h' = h + self_attn(LN1(h))`. A forward hook on `self_attn` returns
+`attn + delta` with `delta = w_v * Vis(h') + w_t * Txt(h')`, so the layer's own residual add yields
+`h'' = h' + delta` exactly once, whatever the decoder family. `h` (the layer input) reaches the hook as the
 `wings_residual` kwarg, put there by a pre-hook on the decoder layer (see inject.py).
+
+The learners and router are registered as children of the original attention module (`self_attn.visual`,
+`self_attn.textual`, `self_attn.router`), so the base LLM's own weights keep their stock names
+(`self_attn.q_proj.weight`, ...) in every mode: a llava checkpoint loads into a wings model and back.
 """
 
 from __future__ import annotations
@@ -16,73 +20,111 @@ from .learner import LoRRALearner
 from .router import RouterDispatchConfig, RouterProbe, WingsRouter
 from .state import WingsState
 
+WINGS_PARTS = ("visual", "textual", "router")
 
-class WingsAttention(nn.Module):
-    """The original attention (`base_attn`, untouched) plus this layer's learners and router."""
 
-    def __init__(self, base_attn: nn.Module, layer_idx: int, hidden_size: int, num_heads: int, head_dim: int,
-                 rank: int, use_visual: bool, use_textual: bool, router_type: str | None, router_width: int):
-        super().__init__()
-        self.base_attn = base_attn
-        self.layer_idx = layer_idx
-        self.visual = LoRRALearner(hidden_size, num_heads, head_dim, rank) if use_visual else None
-        self.textual = LoRRALearner(hidden_size, num_heads, head_dim, rank) if use_textual else None
-        self.router = WingsRouter(router_type, router_width) if router_type is not None else None
-        if self.router is not None and not isinstance(base_attn.config, RouterDispatchConfig):
-            base_attn.config = RouterDispatchConfig(base_attn.config)
+def attach_wings(attn: nn.Module, layer_idx: int, hidden_size: int, num_heads: int, head_dim: int, rank: int,
+                 use_visual: bool, use_textual: bool, router_type: str | None, router_width: int) -> nn.Module:
+    """Give `attn` fresh learners (zero output) and, optionally, a router; return `attn` itself."""
+    if is_wings_attention(attn):
+        raise ValueError(f"decoder layer {layer_idx} already carries Wings learners")
+    if use_visual:
+        attn.visual = LoRRALearner(hidden_size, num_heads, head_dim, rank)
+    if use_textual:
+        attn.textual = LoRRALearner(hidden_size, num_heads, head_dim, rank)
+    if router_type is not None:
+        attn.router = WingsRouter(router_type, router_width)
+        attn.config = RouterDispatchConfig(attn.config)  # route this layer's kernel through the probe
+    attn.wings_layer_idx = layer_idx
+    attn._wings_hooks = (
+        attn.register_forward_pre_hook(_before_attention, with_kwargs=True),
+        attn.register_forward_hook(_after_attention, with_kwargs=True),
+    )
+    return attn
 
-    def unwrap(self) -> nn.Module:
-        """Return the original attention module with its original config (used by `detach_learners`)."""
-        if isinstance(self.base_attn.config, RouterDispatchConfig):
-            self.base_attn.config = self.base_attn.config._config
-        return self.base_attn
 
-    def forward(self, *args, wings_state: WingsState | None = None, wings_residual: torch.Tensor | None = None,
-                **kwargs):
-        if wings_state is None:  # called outside a Wings forward: behave as the base attention
-            return self.base_attn(*args, **kwargs)
-        probe = self._make_probe(wings_state)
-        attn_out, attn_weights = self.base_attn(*args, wings_router_probe=probe, **kwargs)
-        hidden = wings_residual + attn_out  # h'
-        delta = self.learner_delta(hidden, wings_state, kwargs["position_embeddings"], probe)
-        return attn_out + delta.to(attn_out.dtype), attn_weights
+def detach_wings(attn: nn.Module) -> nn.Module:
+    """Remove the learners, router and hooks; `attn` is then the stock module again."""
+    for handle in getattr(attn, "_wings_hooks", ()):
+        handle.remove()
+    for name in (*WINGS_PARTS, "_wings_hooks", "wings_layer_idx", "_wings_call"):
+        if hasattr(attn, name):
+            delattr(attn, name)
+    if isinstance(attn.config, RouterDispatchConfig):
+        attn.config = attn.config._config
+    return attn
 
-    def _make_probe(self, state: WingsState) -> RouterProbe | None:
-        if self.router is None:
-            return None
-        values = self.router.value_matrix(state.key_positions, state.key_segments, self.router.linear.weight.dtype)
-        return RouterProbe(values, state.query_positions, state.key_positions, state.key_valid, state.router_impl,
-                           plain_causal=state.plain_causal)
 
-    def learner_delta(self, hidden: torch.Tensor, state: WingsState, query_rope, probe: RouterProbe | None):
-        """hidden: h' [B, T, d] -> w_v * Vis(h') + w_t * Txt(h') (or their plain sum without a router)."""
-        outs = {}
-        for kind, learner in (("visual", self.visual), ("textual", self.textual)):
-            if learner is None:
-                continue
-            keys = state.learner_keys(self.layer_idx, kind, learner)
-            if keys is None:  # e.g. a text-only batch for the visual learner
-                outs[kind] = learner.anchor() if self.training else None
-                continue
-            mask = None if state.compat_official is None else compat.learner_mask(kind, keys, state.query_positions)
-            outs[kind] = learner(hidden, state.query_positions, query_rope, keys, mask=mask)
-        vis, txt = outs.get("visual"), outs.get("textual")
-        if self.router is None or probe is None:
-            return sum(o for o in (vis, txt) if o is not None) if (vis is not None or txt is not None) else 0.0
-        if probe.summary is None:
-            raise RuntimeError(
-                f"layer {self.layer_idx}: the router got no attention summary; the attention kernel did not run "
-                "through the Wings dispatcher (was the attention module replaced after injection?)"
-            )
-        weights = self.router(probe.summary)  # [B, T, 2]
-        if state.record is not None:
-            state.record[self.layer_idx] = weights.detach()
-        if state.compat_official is not None:  # the released model's double add (compat.py)
-            return compat.combine(vis, txt, weights, state)
-        # A sample without any image skips the visual learner and keeps the textual learner at full weight.
-        w_vis = weights[..., :1]
-        w_txt = torch.where(state.has_image[:, None, None], weights[..., 1:], torch.ones_like(weights[..., 1:]))
-        delta = torch.zeros_like(hidden) if txt is None else w_txt * txt
-        if vis is not None:
-            delta = delta + w_vis * vis
-        return delta
+def is_wings_attention(attn: nn.Module) -> bool:
+    return hasattr(attn, "_wings_hooks")
+
+
+def _before_attention(attn: nn.Module, args: tuple, kwargs: dict):
+    """Take the Wings kwargs out of the call (kernels never see them) and hand the router its probe."""
+    state: WingsState | None = kwargs.pop("wings_state", None)
+    residual = kwargs.pop("wings_residual", None)
+    if state is None:  # called outside a Wings forward: behave as the base attention
+        attn._wings_call = None
+        return args, kwargs
+    probe = _make_probe(attn, state)
+    if probe is not None:
+        kwargs["wings_router_probe"] = probe
+    attn._wings_call = (state, residual, probe, kwargs["position_embeddings"])
+    return args, kwargs
+
+
+def _after_attention(attn: nn.Module, args: tuple, kwargs: dict, output):
+    call = attn.__dict__.pop("_wings_call", None)
+    if call is None:
+        return None
+    state, residual, probe, query_rope = call
+    attn_out, attn_weights = output[0], output[1]
+    delta = learner_delta(attn, residual + attn_out, state, query_rope, probe)  # learners read h'
+    return (attn_out + delta.to(attn_out.dtype), attn_weights, *output[2:])
+
+
+def _make_probe(attn: nn.Module, state: WingsState) -> RouterProbe | None:
+    router = getattr(attn, "router", None)
+    if router is None:
+        return None
+    values = router.value_matrix(state.key_positions, state.key_segments, router.linear.weight.dtype)
+    return RouterProbe(values, state.query_positions, state.key_positions, state.key_valid, state.router_impl,
+                       plain_causal=state.plain_causal)
+
+
+def learner_delta(attn: nn.Module, hidden: torch.Tensor, state: WingsState, query_rope, probe: RouterProbe | None):
+    """hidden: h' [B, T, d] -> w_v * Vis(h') + w_t * Txt(h') (or their plain sum without a router)."""
+    layer_idx = attn.wings_layer_idx
+    outs = {}
+    for kind in ("visual", "textual"):
+        learner = getattr(attn, kind, None)
+        if learner is None:
+            continue
+        keys = state.learner_keys(layer_idx, kind, learner)
+        if keys is None:  # e.g. a text-only batch for the visual learner
+            outs[kind] = learner.anchor() if attn.training else None
+            continue
+        mask = None if state.compat_official is None else compat.learner_mask(kind, keys, state.query_positions)
+        outs[kind] = learner(hidden, state.query_positions, query_rope, keys, mask=mask)
+    vis, txt = outs.get("visual"), outs.get("textual")
+    router = getattr(attn, "router", None)
+    if router is None or probe is None:
+        present = [o for o in (vis, txt) if o is not None]
+        return sum(present) if present else torch.zeros_like(hidden)
+    if probe.summary is None:
+        raise RuntimeError(
+            f"layer {layer_idx}: the router got no attention summary; the attention kernel did not run "
+            "through the Wings dispatcher (was the attention module's config replaced after injection?)"
+        )
+    weights = router(probe.summary)  # [B, T, 2]
+    if state.record is not None:
+        state.record[layer_idx] = weights.detach()
+    if state.compat_official is not None:  # the released model's double add (compat.py)
+        return compat.combine(vis, txt, weights, state)
+    # A sample without any image skips the visual learner and keeps the textual learner at full weight.
+    w_vis = weights[..., :1]
+    w_txt = torch.where(state.has_image[:, None, None], weights[..., 1:], torch.ones_like(weights[..., 1:]))
+    delta = torch.zeros_like(hidden) if txt is None else w_txt * txt
+    if vis is not None:
+        delta = delta + w_vis * vis
+    return delta

@@ -1,10 +1,10 @@
-"""Attach Wings learners to any HF decoder LLM by wrapping its attention modules, and take them off again."""
+"""Attach Wings learners to any HF decoder LLM (hooks on its attention modules), and take them off again."""
 
 from __future__ import annotations
 
 from torch import nn
 
-from .attention import WingsAttention
+from .attention import WINGS_PARTS, attach_wings, detach_wings, is_wings_attention
 
 SUPPORTED_DECODERS = ("qwen2", "llama", "mistral", "qwen3")
 
@@ -41,44 +41,37 @@ def _pass_residual(module: nn.Module, args: tuple, kwargs: dict):
     return args, kwargs
 
 
-def inject_learners(llm: nn.Module, wings_config) -> list[WingsAttention]:
-    """Wrap `self_attn` of each learner layer in `WingsAttention` (fresh learners: the LLM's output is unchanged)."""
+def inject_learners(llm: nn.Module, wings_config) -> list[nn.Module]:
+    """Attach fresh learners (and a router) to each learner layer's attention: the LLM's output is unchanged."""
     text_config = wings_config.text_config
     layers = decoder_layers(llm)
+    if getattr(getattr(llm, "model", llm), "rotary_emb", None) is None:
+        raise ValueError(f"{type(llm).__name__} has no rotary embedding (`model.rotary_emb`); Wings learners need RoPE")
     heads, head_dim = learner_heads(text_config)
-    wrapped = []
+    attached = []
     for idx in wings_config.learner_layer_indices:
         layer = layers[idx]
-        base = layer.self_attn
-        if isinstance(base, WingsAttention):
-            raise ValueError(f"decoder layer {idx} already carries Wings learners")
-        wrapper = WingsAttention(
-            base, idx, text_config.hidden_size, heads, head_dim, wings_config.learner_rank,
+        ref = next(layer.self_attn.parameters())  # learners follow the attention's device and dtype
+        attn = attach_wings(
+            layer.self_attn, idx, text_config.hidden_size, heads, head_dim, wings_config.learner_rank,
             use_visual=wings_config.use_visual_learner,
             use_textual=wings_config.use_textual_learner,
             router_type=wings_config.router_type if wings_config.use_router else None,
             router_width=wings_config.router_width,
         )
-        param = next(base.parameters())
-        wrapper.to(device=param.device, dtype=param.dtype)
-        layer.self_attn = wrapper
+        for part in WINGS_PARTS:
+            if hasattr(attn, part):
+                getattr(attn, part).to(device=ref.device, dtype=ref.dtype)
         layer._wings_hook = layer.register_forward_pre_hook(_pass_residual, with_kwargs=True)
-        wrapped.append(wrapper)
-    return wrapped
-
-
-def reattach_hooks(llm: nn.Module) -> None:
-    """Re-register the residual pre-hooks (after a deepcopy, hooks are copied; after pickling they are not)."""
-    for layer in decoder_layers(llm):
-        if isinstance(layer.self_attn, WingsAttention) and not hasattr(layer, "_wings_hook"):
-            layer._wings_hook = layer.register_forward_pre_hook(_pass_residual, with_kwargs=True)
+        attached.append(attn)
+    return attached
 
 
 def detach_learners(llm: nn.Module) -> nn.Module:
-    """Remove every Wings wrapper and hook; the LLM is then exactly the base model again."""
+    """Remove every Wings part and hook; the LLM is then exactly the base model again."""
     for layer in decoder_layers(llm):
-        if isinstance(layer.self_attn, WingsAttention):
-            layer.self_attn = layer.self_attn.unwrap()
+        if is_wings_attention(layer.self_attn):
+            detach_wings(layer.self_attn)
             hook = getattr(layer, "_wings_hook", None)
             if hook is not None:
                 hook.remove()
@@ -86,5 +79,6 @@ def detach_learners(llm: nn.Module) -> nn.Module:
     return llm
 
 
-def wings_modules(model: nn.Module) -> list[WingsAttention]:
-    return [m for m in model.modules() if isinstance(m, WingsAttention)]
+def wings_modules(model: nn.Module) -> list[nn.Module]:
+    """The attention modules that carry Wings parts."""
+    return [m for m in model.modules() if is_wings_attention(m)]

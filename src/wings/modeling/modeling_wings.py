@@ -47,7 +47,7 @@ class WingsForConditionalGeneration(WingsPreTrainedModel, GenerationMixin):
 
     Composition, never copied modeling code: `vision_tower = AutoModel.from_config(vision_config)`,
     `projector` (LLaVA naming), `language_model = AutoModelForCausalLM.from_config(text_config)` with
-    each chosen layer's `self_attn` wrapped in `WingsAttention` (mode="wings").
+    learners and a router attached to each chosen layer's `self_attn` (mode="wings"; see attention.py).
     """
 
     def __init__(self, config: WingsConfig):

@@ -109,7 +109,7 @@ class LoraSettings:
     Args:
         enabled: add adapters; the `llm` group must then stay frozen (the adapters train instead).
         r / alpha / dropout: LoRA rank, scaling numerator, dropout.
-        targets: linear-layer names inside the decoder layers (attention under `base_attn`, and the MLP).
+        targets: linear-layer names inside the decoder layers (the attention's own projections and the MLP).
         lr: the adapters' learning rate; None = the `llm` group's lr (or `train.lr`).
     """
 

@@ -31,12 +31,11 @@ def load_stage_model(config: TrainConfig):
         raise ValueError(f"model.path {path} has no config.json; expected a directory written by `wings init-model` "
                          "or an earlier stage's final/")
     overrides = dict(config.model.overrides)
-    # A mode switch renames the attention weights (`self_attn.q_proj` <-> `self_attn.base_attn.q_proj`), which
-    # `from_pretrained` would treat as missing and re-initialise at random: load in the saved mode, then convert.
-    target_mode = overrides.pop("mode", None)
+    if overrides.get("mode", "wings") not in ("wings", "llava"):
+        raise ValueError(f"model.overrides.mode must be 'wings' or 'llava', got {overrides['mode']!r}")
+    # Base weights keep their stock names in both modes, so a mode override just drops the learners
+    # (wings -> llava) or adds fresh zero-output ones (llava -> wings) while loading.
     model = WingsForConditionalGeneration.from_pretrained(path, dtype=DTYPES[config.model.dtype], **overrides)
-    if target_mode is not None and target_mode != model.config.mode:
-        switch_mode(model, target_mode)
     if model.config.mode != config.mode:
         raise ValueError(
             f"stage {config.stage!r} expects a {config.mode}-mode model but {path} loads as {model.config.mode!r}; "
@@ -45,28 +44,14 @@ def load_stage_model(config: TrainConfig):
     return model
 
 
-def switch_mode(model: nn.Module, mode: str) -> None:
-    """wings -> llava: take the learners off (the base attention keeps its weights); llava -> wings: add fresh
-    learners (zero output) per the model's config (learner_rank, use_textual_learner, use_router, ...)."""
-    from ..modeling import detach_learners, inject_learners
-
-    if mode not in ("wings", "llava"):
-        raise ValueError(f"model.overrides.mode must be 'wings' or 'llava', got {mode!r}")
-    model.config.mode = mode
-    if mode == "llava":
-        detach_learners(model.language_model)
-    else:
-        inject_learners(model.language_model, model.config)
-
-
 def lora_target_regex(targets: list[str]) -> str:
-    """Base-LLM linear layers only: attention under `base_attn` (or plain `self_attn` in llava mode) and the MLP.
+    """Base-LLM linear layers only: the attention's own projections (`self_attn.q_proj`, ...) and the MLP.
 
     The learners' own projections (`self_attn.visual.q_proj.*`) share names with the attention's, so the regex
     anchors on the module path, never on a bare name.
     """
     names = "|".join(sorted(set(targets)))
-    return rf".*language_model\.model\.layers\.\d+\.(?:self_attn\.base_attn|self_attn|mlp)\.(?:{names})"
+    return rf".*language_model\.model\.layers\.\d+\.(?:self_attn|mlp)\.(?:{names})"
 
 
 def add_lora(model: nn.Module, config: TrainConfig) -> int:
