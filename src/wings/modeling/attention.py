@@ -16,8 +16,8 @@ import torch
 from torch import nn
 
 from . import compat
-from .learner import LoRRALearner
-from .router import RouterDispatchConfig, RouterProbe, WingsRouter
+from .learner import LoRRALearner, learner_mask
+from .router import RouterDispatchConfig, RouterProbe, WingsRouter, check_router_width, router_mask
 from .state import WingsState
 
 WINGS_PARTS = ("visual", "textual", "router")
@@ -87,9 +87,13 @@ def _make_probe(attn: nn.Module, state: WingsState) -> RouterProbe | None:
     router = getattr(attn, "router", None)
     if router is None:
         return None
+    if "probe_mask" not in state.memo:  # shared by every layer of this forward
+        check_router_width(router, state.key_positions)
+        state.memo["probe_mask"] = router_mask(state.query_positions, state.key_positions, state.key_valid)
     values = router.value_matrix(state.key_positions, state.key_segments, router.linear.weight.dtype)
-    return RouterProbe(values, state.query_positions, state.key_positions, state.key_valid, state.router_impl,
-                       plain_causal=state.plain_causal)
+    # Decoding one token: the [B, H, 1, S] probabilities are tiny, so the eager path is the cheaper one.
+    impl = "eager" if state.query_positions.shape[1] == 1 else state.router_impl
+    return RouterProbe(values, state.memo["probe_mask"], impl, plain_causal=state.plain_causal)
 
 
 def learner_delta(attn: nn.Module, hidden: torch.Tensor, state: WingsState, query_rope, probe: RouterProbe | None):
@@ -104,7 +108,10 @@ def learner_delta(attn: nn.Module, hidden: torch.Tensor, state: WingsState, quer
         if keys is None:  # e.g. a text-only batch for the visual learner
             outs[kind] = learner.anchor() if attn.training else None
             continue
-        mask = None if state.compat_official is None else compat.learner_mask(kind, keys, state.query_positions)
+        if state.compat_official is not None:
+            mask = compat.learner_mask(kind, keys, state.query_positions)
+        else:  # every layer's keys of one kind share positions and validity: build the mask once per forward
+            mask = state.memo.get(kind) or state.memo.setdefault(kind, learner_mask(keys, state.query_positions))
         outs[kind] = learner(hidden, state.query_positions, query_rope, keys, mask=mask)
     vis, txt = outs.get("visual"), outs.get("textual")
     router = getattr(attn, "router", None)

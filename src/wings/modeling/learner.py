@@ -73,6 +73,20 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return x * cos + rotate_half(x) * sin
 
 
+def open_empty_rows(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """mask [B, T, N] -> (SDPA-safe mask [B, 1, T, N], sees_any [B, T, 1]).
+
+    SDPA returns NaN for a row with no visible key: such rows are opened here and their output zeroed after.
+    """
+    sees_any = mask.any(dim=-1, keepdim=True)
+    return (mask | ~sees_any)[:, None], sees_any
+
+
+def learner_mask(keys: LearnerKeys, query_positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Causal on true positions: a query at p sees valid keys at positions <= p."""
+    return open_empty_rows(keys.valid[:, None, :] & (keys.positions[:, None, :] <= query_positions[:, :, None]))
+
+
 class LoRRALearner(nn.Module):
     """One Wings learner (visual or textual) of one decoder layer."""
 
@@ -107,19 +121,18 @@ class LoRRALearner(nn.Module):
         query_positions: torch.Tensor,
         query_rope: tuple[torch.Tensor, torch.Tensor],
         keys: LearnerKeys,
-        mask: torch.Tensor | None = None,
+        mask: tuple[torch.Tensor, torch.Tensor] | torch.Tensor | None = None,
     ) -> torch.Tensor:
         """hidden: [B, T, d] queries (h'); returns the learner output [B, T, d] (0 where no key is visible).
 
-        `mask` [B, T, N] overrides the default causal-on-true-positions mask (official compat mode only).
+        `mask` is either a [B, T, N] bool mask (official compat mode) or the `(safe_mask, sees_any)` pair of
+        `learner_mask` (shared by all layers of one forward); None builds the causal-on-true-positions mask.
         """
         B, T, d = hidden.shape
         query = apply_rope(self._heads(hidden + self.q_proj(hidden)), *query_rope)  # [B, H, T, hd]
         if mask is None:
             mask = keys.valid[:, None, :] & (keys.positions[:, None, :] <= query_positions[:, :, None])  # [B, T, N]
-        sees_any = mask.any(dim=-1, keepdim=True)  # [B, T, 1]
-        # SDPA returns NaN for a row with no visible key: open such rows, then zero their output.
-        safe_mask = (mask | ~sees_any)[:, None]  # [B, 1, T, N]
+        safe_mask, sees_any = mask if isinstance(mask, tuple) else open_empty_rows(mask)
         attn = F.scaled_dot_product_attention(query, keys.key.to(query.dtype), keys.value.to(query.dtype),
                                               attn_mask=safe_mask)  # [B, H, T, hd]
         attn = attn.transpose(1, 2).reshape(B, T, d) * sees_any.to(attn.dtype)

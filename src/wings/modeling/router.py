@@ -36,13 +36,6 @@ class WingsRouter(nn.Module):
         if self.router_type == "segment":
             onehot = F.one_hot(key_segments, num_classes=4)[..., 1:]  # drop the padding segment
             return onehot.to(dtype)  # [B, S, 3]
-        width = self.linear.in_features
-        too_far = key_positions.max().item() >= width if key_positions.numel() else False
-        if too_far:
-            raise ValueError(
-                f"the position router has {width} columns but a key sits at position {int(key_positions.max())}; "
-                "use router_type='segment' or a larger router_max_positions for longer sequences"
-            )
         return self.linear.weight.t()[key_positions].to(dtype)  # [B, S, 2]
 
     def forward(self, summary: torch.Tensor) -> torch.Tensor:
@@ -54,24 +47,35 @@ class WingsRouter(nn.Module):
         return torch.softmax(F.silu(logits.float()), dim=-1).to(summary.dtype)
 
 
+def check_router_width(router: WingsRouter, key_positions: torch.Tensor) -> None:
+    """The position router has one column per absolute position: refuse keys beyond it, naming both."""
+    if router.router_type != "position" or key_positions.numel() == 0:
+        return
+    width = router.linear.in_features
+    furthest = int(key_positions.max())
+    if furthest >= width:
+        raise ValueError(
+            f"the position router has {width} columns but a key sits at position {furthest}; "
+            "use router_type='segment' or a larger router_max_positions for longer sequences"
+        )
+
+
+def router_mask(query_positions: torch.Tensor, key_positions: torch.Tensor, key_valid: torch.Tensor) -> torch.Tensor:
+    """[B, 1, T, S] bool: causal on true positions, padding keys hidden (the main attention's probabilities)."""
+    mask = key_valid[:, None, :] & (key_positions[:, None, :] <= query_positions[:, :, None])
+    mask = mask | ~mask.any(dim=-1, keepdim=True)  # a fully hidden (padding) row must not give NaN
+    return mask[:, None]
+
+
 class RouterProbe:
     """Carries the router's per-key values into the attention function and its summary back out."""
 
-    def __init__(self, values: torch.Tensor, query_positions: torch.Tensor, key_positions: torch.Tensor,
-                 key_valid: torch.Tensor, impl: str, plain_causal: bool = False):
+    def __init__(self, values: torch.Tensor, mask: torch.Tensor, impl: str, plain_causal: bool = False):
         self.values = values  # [B, S, C]
-        self.query_positions = query_positions  # [B, T]
-        self.key_positions = key_positions  # [B, S]
-        self.key_valid = key_valid  # [B, S]
+        self.mask = mask  # [B, 1, T, S]
         self.impl = impl
         self.plain_causal = plain_causal  # keys == queries at positions 0..T-1, all valid
         self.summary: torch.Tensor | None = None  # [B, T, C] once the attention ran
-
-    def mask(self, T: int) -> torch.Tensor:
-        """[B, 1, T, S] bool: causal on true positions, padding keys hidden (the main attention's probabilities)."""
-        mask = self.key_valid[:, None, :] & (self.key_positions[:, None, :] <= self.query_positions[:, -T:, None])
-        mask = mask | ~mask.any(dim=-1, keepdim=True)  # a fully hidden (padding) row must not give NaN
-        return mask[:, None]
 
     def observe(self, query: torch.Tensor, key: torch.Tensor, scaling: float) -> None:
         """query [B, H, T, D], key [B, Hkv, S, D] (RoPE applied, cache included) -> self.summary."""
@@ -81,7 +85,7 @@ class RouterProbe:
             raise RuntimeError(f"router probe: attention saw {S} keys but the router has values for "
                                f"{self.values.shape[1]}; the learner cache is out of step with the KV cache")
         groups = H // Hkv
-        mask = self.mask(T)  # [B, 1, T, S]
+        mask = self.mask
         if self.impl == "eager":
             rep_key = key.repeat_interleave(groups, dim=1)
             scores = (query @ rep_key.transpose(-1, -2)).float() * scaling

@@ -60,6 +60,7 @@ class WingsState:
     plain_causal: bool = False  # every key valid at position == index, no cache: a plain causal mask suffices
     record: dict[int, torch.Tensor] | None = None  # layer -> router weights, when analysis asks
     compat_official: dict | None = None  # official-compat extras (see compat.py)
+    memo: dict = field(default_factory=dict)  # per-forward tensors every layer shares (masks)
 
     def learner_keys(self, layer_idx: int, kind: str, learner) -> LearnerKeys | None:
         """This layer's keys for `kind`: cached ones plus the projection of this forward's new tokens."""
