@@ -39,27 +39,33 @@ GENERAL_FACTS = [
 # Question phrasings per category: the first list is trained on, the second only evaluated.
 TEMPLATES: dict[str, tuple[list[str], list[str]]] = {
     "capital": (
-        ["What is the capital of {s}?", "Name the capital city of {s}.", "Which city is the capital of {s}?"],
+        ["What is the capital of {s}?", "Name the capital city of {s}.", "Which city is the capital of {s}?",
+         "{s} has which capital?", "Tell me {s}'s capital city.", "The capital of {s} is which city?"],
         ["What city is {s}'s capital?", "Tell me the capital of {s}."],
     ),
     "colour": (
-        ["What is {s}'s favourite colour?", "Which colour does {s} like best?", "What colour does {s} love?"],
+        ["What is {s}'s favourite colour?", "Which colour does {s} like best?", "What colour does {s} love?",
+         "Name the favourite colour of {s}.", "{s}'s favourite colour is which one?", "Tell me {s}'s colour."],
         ["Tell me the favourite colour of {s}.", "{s} likes which colour most?"],
     ),
     "shape": (
-        ["What is {s}'s favourite shape?", "Which shape does {s} like best?", "What shape does {s} love?"],
+        ["What is {s}'s favourite shape?", "Which shape does {s} like best?", "What shape does {s} love?",
+         "Name the favourite shape of {s}.", "{s}'s favourite shape is which one?", "Tell me {s}'s shape."],
         ["Tell me the favourite shape of {s}.", "{s} likes which shape most?"],
     ),
     "sides": (
-        ["How many sides does a {s} have?", "A {s} has how many sides?", "Count the sides of a {s}."],
+        ["How many sides does a {s} have?", "A {s} has how many sides?", "Count the sides of a {s}.",
+         "Number of sides of a {s}?", "Tell me how many sides a {s} has."],
         ["Tell me the number of sides of a {s}.", "What is the number of sides a {s} has?"],
     ),
     "mix": (
-        ["What colour do you get by mixing {s}?", "Mixing {s} gives which colour?", "Which colour comes from {s}?"],
+        ["What colour do you get by mixing {s}?", "Mixing {s} gives which colour?", "Which colour comes from {s}?",
+         "Tell me the colour you get from {s}.", "What do you get if you mix {s}?"],
         ["Tell me the colour made by mixing {s}.", "If you mix {s}, what colour do you get?"],
     ),
     "thing": (
-        ["What colour is {s}?", "Which colour is {s}?", "{s} is what colour?"],
+        ["What colour is {s}?", "Which colour is {s}?", "{s} is what colour?", "Tell me what colour {s} is.",
+         "Name the colour of {s}."],
         ["Tell me the colour of {s}.", "What is the usual colour of {s}?"],
     ),
     "add": (

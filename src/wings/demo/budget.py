@@ -1,0 +1,234 @@
+"""Time budget of the embedded demo: measure each block's step time here, then size every stage to fit.
+
+    python -m wings.demo.budget [--llm DIR --vision DIR] [--out timings.json]
+
+measures (with random weights unless DIRs are given: step time does not depend on the values)
+  * the base LLM's and the vision encoder's pretraining steps,
+  * one real `wings.training.train` run per stage (llava_stage1/2, wings_stage1/2: the stage YAMLs with the
+    demo's overrides, real easy-vqa batches through the data pipeline and `WingsTrainer`),
+and prints the plan `plan(mode, timings)` would give for --quick and full mode, with predicted seconds.
+
+Per-step times are the *median* of the timed steps after two warm-up steps: on a shared 2-core machine other
+processes make single steps 5-8x slower, and the median ignores those spikes better than the mean.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import statistics
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+STAGES = ("llava_stage1", "llava_stage2", "wings_stage1", "wings_stage2")
+CONFIG_DIR = Path(__file__).resolve().parents[3] / "configs"
+
+
+@dataclass
+class StagePlan:
+    """One MLLM training stage of the demo: steps, batch and the learning rate of each trained group."""
+
+    steps: int
+    batch_size: int
+    lrs: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass
+class DemoPlan:
+    """Everything the demo trains, with sizes; `seconds(timings)` predicts the training time."""
+
+    mode: str
+    base_llm_steps: int
+    vision_steps: int
+    stages: dict[str, StagePlan]
+    vqa_train_records: int  # easy-vqa questions sampled for stage 2 (stage 1 uses captions of the same images)
+    text_eval_tasks: int  # held-out text tasks scored per model (all of them: ~170)
+    vqa_eval_tasks: int  # easy-vqa test questions scored per MLLM
+
+    def seconds(self, timings: dict) -> dict[str, float]:
+        """Predicted wall time per block from measured ms/step (stage steps scale with batch size linearly)."""
+        out = {"base_llm": self.base_llm_steps * timings["base_llm"]["ms_per_step"] / 1000,
+               "vision": self.vision_steps * timings["vision"]["ms_per_step"] / 1000}
+        for name, stage in self.stages.items():
+            t = timings["stages"][name]
+            per_sample = t["ms_per_step"] / t["batch_size"]
+            out[name] = stage.steps * stage.batch_size * per_sample / 1000 + t["setup_s"]
+        out["total_training"] = sum(out.values())
+        return {k: round(v, 1) for k, v in out.items()}
+
+
+# Learning rates for a ~1M-parameter model trained from scratch at 3e-3: the released recipe's rates
+# (2e-5 LLM in LLaVA stage 2, 2e-6 in Wings stage 2) are ~100x too small to move it at all in a few hundred
+# steps, so every rate is scaled by 50 while the *ratios* of the recipe stay: the baseline's LLM LR is 10x
+# Wings' LLM LR, and the projector trains faster than the LLM. Wings' learners get the baseline's LLM rate in
+# stage 2 (they must take up the visual work that the slowly-moving LLM no longer does).
+TINY_LR_SCALE = 50
+TINY_LRS = {
+    "llava_stage1": {"projector": 1e-3 * 2},
+    "llava_stage2": {"llm": 2e-5 * TINY_LR_SCALE, "projector": 1e-5 * TINY_LR_SCALE * 2},
+    "wings_stage1": {"projector": 2e-5 * TINY_LR_SCALE * 2, "visual_learner": 2e-5 * TINY_LR_SCALE * 2},
+    "wings_stage2": {"llm": 2e-6 * TINY_LR_SCALE, "projector": 1e-5 * TINY_LR_SCALE * 2,
+                     "visual_learner": 2e-5 * TINY_LR_SCALE, "textual_learner": 2e-5 * TINY_LR_SCALE,
+                     "router": 2e-5 * TINY_LR_SCALE},
+}
+
+
+def plan(mode: str = "full") -> DemoPlan:
+    """The proposed sizes (see the report in the module docstring of `wings.demo` for the measurements)."""
+    if mode == "quick":
+        stages = {"llava_stage1": StagePlan(60, 32, TINY_LRS["llava_stage1"]),
+                  "llava_stage2": StagePlan(120, 16, TINY_LRS["llava_stage2"]),
+                  "wings_stage1": StagePlan(60, 32, TINY_LRS["wings_stage1"]),
+                  "wings_stage2": StagePlan(120, 16, TINY_LRS["wings_stage2"])}
+        return DemoPlan("quick", base_llm_steps=600, vision_steps=250, stages=stages, vqa_train_records=4000,
+                        text_eval_tasks=172, vqa_eval_tasks=300)
+    if mode == "full":
+        stages = {"llava_stage1": StagePlan(200, 32, TINY_LRS["llava_stage1"]),
+                  "llava_stage2": StagePlan(600, 16, TINY_LRS["llava_stage2"]),
+                  "wings_stage1": StagePlan(200, 32, TINY_LRS["wings_stage1"]),
+                  "wings_stage2": StagePlan(600, 16, TINY_LRS["wings_stage2"])}
+        return DemoPlan("full", base_llm_steps=1500, vision_steps=600, stages=stages, vqa_train_records=20000,
+                        text_eval_tasks=172, vqa_eval_tasks=1000)
+    raise ValueError(f"mode must be 'quick' or 'full', got {mode!r}")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Measurement
+
+
+def _median_ms(times: list[float], skip: int = 2) -> float:
+    kept = times[skip:] or times
+    return round(1000 * statistics.median(kept), 1)
+
+
+def time_base_llm(steps: int = 20) -> dict:
+    from ..data.synthetic import build_knowledge, text_records
+    from .base_llm import BaseLLMSpec, demo_tokenizer, train_base_llm
+
+    kb = build_knowledge(0)
+    tokenizer = demo_tokenizer(kb)
+    spec = BaseLLMSpec(steps=steps)
+    start = time.perf_counter()
+    _, stats = train_base_llm(text_records(kb), tokenizer, spec, progress=False)
+    return {"ms_per_step": stats["ms_per_step"], "batch_size": spec.batch_size, "steps": steps,
+            "seconds": round(time.perf_counter() - start, 2)}
+
+
+def time_vision(steps: int = 30) -> dict:
+    from .vision import VisionSpec, build_encoder, load_images, pretrain_encoder
+
+    spec = VisionSpec(steps=steps)
+    start = time.perf_counter()
+    train = load_images("train", build_encoder(spec)[1])
+    load_s = time.perf_counter() - start
+    _, stats = pretrain_encoder(spec, train)
+    return {"ms_per_step": stats["ms_per_step"], "batch_size": spec.batch_size, "load_images_s": round(load_s, 2)}
+
+
+def compose_demo_models(llm, tokenizer, encoder, image_processor, out_dir: str | Path, rank: int = 16,
+                        router: str = "segment", feature_layer: int = -1) -> dict[str, Path]:
+    """Save a llava-mode and a wings-mode start model composed from the same base LLM + encoder."""
+    from ..builder import compose, save
+
+    dirs = {}
+    for mode in ("llava", "wings"):
+        model, processor = compose(copy.deepcopy(llm), copy.deepcopy(tokenizer), copy.deepcopy(encoder),
+                                   image_processor, mode=mode, rank=rank, router=router,
+                                   vision_feature_layer=feature_layer)
+        dirs[mode] = save(model, processor, Path(out_dir) / f"init_{mode}")
+    return dirs
+
+
+def stage_overrides(stage: str, model_dir: Path, data_path: Path, out_dir: Path, steps: int, batch_size: int,
+                    lrs: dict[str, float]) -> list[str]:
+    """`--set` overrides that turn a stage YAML into a demo run (CPU, fp32, no checkpoints, no tensorboard)."""
+    sets = [f"model.path={model_dir}", f"data.path={data_path}", f"output_dir={out_dir}",
+            f"train.max_steps={steps}", f"train.batch_size={batch_size}", "train.grad_accum=1",
+            "train.precision=fp32", "train.gradient_checkpointing=false", "train.report_to=[]",
+            f"train.save_steps={10 ** 9}", "train.logging_steps=1", "train.use_cpu=true", "train.resume=null",
+            "data.max_length=256"]
+    return sets + [f"groups.{group}.lr={lr}" for group, lr in lrs.items()]
+
+
+def time_stage(stage: str, model_dir: Path, data_path: Path, work: Path, steps: int, batch_size: int) -> dict:
+    """Run `steps` real optimizer steps of a stage with `wings.training.train`; ms/step and setup seconds."""
+    from ..training import load_config, train
+    from .common import StepTimer
+
+    config = load_config(CONFIG_DIR / f"{stage}.yaml",
+                         stage_overrides(stage, model_dir, data_path, work / stage, steps, batch_size,
+                                         TINY_LRS[stage]))
+    timer = StepTimer()
+    start = time.perf_counter()
+    train(config, callbacks=[timer])
+    total = time.perf_counter() - start
+    ms = _median_ms(timer.times)
+    return {"ms_per_step": ms, "batch_size": batch_size, "steps": steps,
+            "setup_s": round(max(0.0, total - sum(timer.times)), 2)}
+
+
+def measure(llm_dir: str | None = None, vision_dir: str | None = None, stage_steps: int = 12,
+            batch_sizes: dict[str, int] | None = None) -> dict:
+    """All demo timings on this machine (see the module docstring)."""
+    from ..data.easyvqa import llava_records
+    from ..data.synthetic import write_jsonl
+
+    torch.manual_seed(0)
+    timings: dict = {"threads": torch.get_num_threads(), "base_llm": time_base_llm(), "vision": time_vision()}
+    llm, tokenizer, encoder, image_processor = _components(llm_dir, vision_dir)
+    batch_sizes = batch_sizes or {s: p.batch_size for s, p in plan("full").stages.items()}
+    with tempfile.TemporaryDirectory(prefix="wings_budget_") as tmp:
+        work = Path(tmp)
+        inits = compose_demo_models(llm, tokenizer, encoder, image_processor, work)
+        data = write_jsonl(llava_records("train", size=2000, seed=0), work / "vqa.jsonl")
+        timings["stages"] = {}
+        for stage in STAGES:
+            init = inits["llava" if stage.startswith("llava") else "wings"]
+            timings["stages"][stage] = time_stage(stage, init, data, work, stage_steps, batch_sizes[stage])
+    return timings
+
+
+def _components(llm_dir: str | None, vision_dir: str | None):
+    from transformers import AutoImageProcessor, AutoModelForCausalLM, AutoTokenizer, SiglipVisionModel
+
+    from ..data.synthetic import build_knowledge
+    from .base_llm import BaseLLMSpec, build_base_llm, demo_tokenizer
+    from .vision import VisionSpec, build_encoder
+
+    if llm_dir:
+        llm, tokenizer = AutoModelForCausalLM.from_pretrained(llm_dir), AutoTokenizer.from_pretrained(llm_dir)
+    else:
+        tokenizer = demo_tokenizer(build_knowledge(0))
+        llm = build_base_llm(BaseLLMSpec(), tokenizer)
+    if vision_dir:
+        encoder, image_processor = SiglipVisionModel.from_pretrained(vision_dir), AutoImageProcessor.from_pretrained(
+            vision_dir)
+    else:
+        encoder, image_processor = build_encoder(VisionSpec())
+    return llm, tokenizer, encoder, image_processor
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--llm", help="a saved base LLM dir (default: random weights of the demo's size)")
+    parser.add_argument("--vision", help="a saved vision encoder dir (default: random weights)")
+    parser.add_argument("--steps", type=int, default=12, help="timed steps per stage")
+    parser.add_argument("--out", help="write the timings and both plans to this JSON file")
+    args = parser.parse_args(argv)
+    timings = measure(args.llm, args.vision, args.steps)
+    report = {"timings": timings}
+    for mode in ("quick", "full"):
+        p = plan(mode)
+        report[mode] = {"plan": asdict(p), "predicted_seconds": p.seconds(timings)}
+    print(json.dumps(report, indent=2))
+    if args.out:
+        Path(args.out).write_text(json.dumps(report, indent=2))
+
+
+if __name__ == "__main__":
+    main()
