@@ -38,6 +38,8 @@ def run_one(args) -> dict:
     extra = {} if args.mode == "llava" else {"router_impl": args.router_impl, "router_max_positions": 4096}
     model, processor = build_tiny(spec, tokenizer=tok, mode=args.mode, rank=args.rank, router=args.router, **extra)
     model.train()
+    if args.grad_ckpt:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     B, T = args.batch, args.seq
     n_img = processor.image_seq_length
     ids = torch.randint(10, 900, (B, T))
@@ -87,17 +89,20 @@ def main() -> None:
     p.add_argument("--rank", type=int, default=64)
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--long-seq", type=int, default=2048)
+    p.add_argument("--grad-ckpt", type=int, default=0, help="1: gradient checkpointing (as the released recipe)")
+    p.add_argument("--only", choices=["small", "long"], help="run one shape only")
     args = p.parse_args()
     if args.child:
         print(json.dumps(run_one(args)))
         return
     common = ["--hidden", str(args.hidden), "--layers", str(args.layers), "--heads", str(args.heads),
               "--kv-heads", str(args.kv_heads), "--intermediate", str(args.intermediate), "--rank", str(args.rank),
-              "--repeats", str(args.repeats), "--router", args.router]
+              "--repeats", str(args.repeats), "--router", args.router, "--grad-ckpt", str(args.grad_ckpt)]
     print(f"LLM hidden {args.hidden}, {args.layers} layers, {args.heads} heads / {args.kv_heads} kv, "
           f"ffn {args.intermediate}, learner rank {args.rank}, router {args.router}; SigLIP 64px/8 = 64 image tokens; "
-          f"torch threads {os.environ.get('OMP_NUM_THREADS', 'default')}")
-    for label, batch, seq in (("small", args.batch, args.seq), ("long", 1, args.long_seq)):
+          f"gradient checkpointing {'on' if args.grad_ckpt else 'off'}")
+    shapes = (("small", args.batch, args.seq), ("long", 1, args.long_seq))
+    for label, batch, seq in (s for s in shapes if args.only in (None, s[0])):
         llava = spawn(common, mode="llava", batch=batch, seq=seq)
         wings = spawn(common, mode="wings", batch=batch, seq=seq, router_impl="sdpa")
         eager = spawn(common, mode="wings", batch=batch, seq=seq, router_impl="eager")
