@@ -143,3 +143,26 @@ def image_labels(split: str = "train") -> dict[int, dict[str, str | None]]:
                     elif w in COLOURS:
                         labels[i]["colour"] = w
     return labels
+
+
+CAPTION_PROMPTS = ("Describe the image.", "What is in the image?", "What do you see?")
+
+
+def caption_records(split: str = "train", size: int | None = None, seed: int = 0, relative: bool = False) -> list[dict]:
+    """Alignment (stage-1) records: `<image>` + a short prompt -> "<colour> <shape>", one per image whose shape and
+    colour are both known from its questions (LLaVA's stage 1 pairs images with captions; these are the captions
+    easy-vqa allows). `size` draws a seeded subsample of images."""
+    _, _, _, paths = load_split(split)
+    labels = image_labels(split)
+    ids = [i for i in sorted(paths) if labels[i]["shape"] and labels[i]["colour"]]
+    rng = random.Random(seed)
+    records = []
+    for k in _subsample(len(ids), size, seed):
+        i = ids[k]
+        records.append({
+            "id": f"easyvqa-caption-{split}-{i}",
+            "image": _image_ref(paths[i], relative),
+            "conversations": [{"from": "human", "value": f"<image>\n{rng.choice(CAPTION_PROMPTS)}"},
+                              {"from": "gpt", "value": f"{labels[i]['colour']} {labels[i]['shape']}"}],
+        })
+    return records

@@ -36,7 +36,8 @@ GENERAL_FACTS = [
                                     ("an orange", "orange")]],
 ]
 
-# Question phrasings per category: the first list is trained on, the second only evaluated.
+# Question phrasings per category: the first list is trained on, the second only evaluated. American "color",
+# as in easy-vqa's questions, so the MLLM later reads words the LLM already knows.
 TEMPLATES: dict[str, tuple[list[str], list[str]]] = {
     "capital": (
         ["What is the capital of {s}?", "Name the capital city of {s}.", "Which city is the capital of {s}?",
@@ -44,9 +45,9 @@ TEMPLATES: dict[str, tuple[list[str], list[str]]] = {
         ["What city is {s}'s capital?", "Tell me the capital of {s}."],
     ),
     "colour": (
-        ["What is {s}'s favourite colour?", "Which colour does {s} like best?", "What colour does {s} love?",
-         "Name the favourite colour of {s}.", "{s}'s favourite colour is which one?", "Tell me {s}'s colour."],
-        ["Tell me the favourite colour of {s}.", "{s} likes which colour most?"],
+        ["What is {s}'s favourite color?", "Which color does {s} like best?", "What color does {s} love?",
+         "Name the favourite color of {s}.", "{s}'s favourite color is which one?", "Tell me {s}'s color."],
+        ["Tell me the favourite color of {s}.", "{s} likes which color most?"],
     ),
     "shape": (
         ["What is {s}'s favourite shape?", "Which shape does {s} like best?", "What shape does {s} love?",
@@ -59,19 +60,31 @@ TEMPLATES: dict[str, tuple[list[str], list[str]]] = {
         ["Tell me the number of sides of a {s}.", "What is the number of sides a {s} has?"],
     ),
     "mix": (
-        ["What colour do you get by mixing {s}?", "Mixing {s} gives which colour?", "Which colour comes from {s}?",
-         "Tell me the colour you get from {s}.", "What do you get if you mix {s}?"],
-        ["Tell me the colour made by mixing {s}.", "If you mix {s}, what colour do you get?"],
+        ["What color do you get by mixing {s}?", "Mixing {s} gives which color?", "Which color comes from {s}?",
+         "Tell me the color you get from {s}.", "What do you get if you mix {s}?"],
+        ["Tell me the color made by mixing {s}.", "If you mix {s}, what color do you get?"],
     ),
     "thing": (
-        ["What colour is {s}?", "Which colour is {s}?", "{s} is what colour?", "Tell me what colour {s} is.",
-         "Name the colour of {s}."],
-        ["Tell me the colour of {s}.", "What is the usual colour of {s}?"],
+        ["What color is {s}?", "Which color is {s}?", "{s} is what color?", "Tell me what color {s} is.",
+         "Name the color of {s}."],
+        ["Tell me the color of {s}.", "What is the usual color of {s}?"],
     ),
     "add": (
         ["What is {a} + {b}?", "What is {a} plus {b}?", "Add {a} and {b}."],
         ["What is {a} + {b}?", "What is {a} plus {b}?"],  # held-out addition = unseen operand pairs
     ),
+}
+# Yes/no checks of every trained fact, plain and negated ({o} = the answer or a distractor). Training only: they
+# teach the LLM to answer yes/no and to handle "not", as a real LLM would before it meets easy-vqa's
+# "is there not a red shape?". Evaluation stays multiple choice over each fact's own options.
+VERIFY_TEMPLATES: dict[str, tuple[str, str]] = {
+    "capital": ("Is {o} the capital of {s}?", "Is {o} not the capital of {s}?"),
+    "colour": ("Is {s}'s favourite color {o}?", "Is {s}'s favourite color not {o}?"),
+    "shape": ("Is {s}'s favourite shape a {o}?", "Is {s}'s favourite shape not a {o}?"),
+    "sides": ("Does a {s} have {o} sides?", "Does a {s} not have {o} sides?"),
+    "mix": ("Does mixing {s} give {o}?", "Does mixing {s} not give {o}?"),
+    "thing": ("Is {s} {o}?", "Is {s} not {o}?"),
+    "add": ("Is {a} + {b} equal to {o}?", "Is {a} + {b} not equal to {o}?"),
 }
 PEOPLE = ["Alice", "Bruno", "Chen", "Dara", "Elif", "Farid", "Greta", "Hugo", "Ines", "Jonas", "Kemal", "Lena",
           "Mateo", "Nadia", "Oskar", "Priya", "Quinn", "Rosa", "Sven", "Tomas", "Uma", "Viktor", "Wanda", "Xavi",
@@ -163,24 +176,28 @@ def build_knowledge(seed: int = 0, n_countries: int = 24, n_people: int = 16, ma
     return KnowledgeBase(facts, heldout_add, seed)
 
 
-def _phrase(template: str, fact: Fact) -> str:
+def _phrase(template: str, fact: Fact, option: str = "") -> str:
     if fact.category == "add":
         a, b = fact.subject.split()
-        return template.format(a=a, b=b)
-    text = template.format(s=fact.subject)
+        return template.format(a=a, b=b, o=option)
+    text = template.format(s=fact.subject, o=option)
     return text[0].upper() + text[1:]
 
 
-def text_records(kb: KnowledgeBase) -> list[dict]:
-    """LLaVA-format training records: every fact in every *training* phrasing (addition: trained pairs only)."""
+def text_records(kb: KnowledgeBase, verify: bool = True) -> list[dict]:
+    """LLaVA-format training records: every fact in every *training* phrasing (addition: trained pairs only),
+    plus (`verify=True`) four yes/no checks per fact: plain/negated x its answer/its first distractor."""
     records = []
     for i, fact in enumerate(kb.facts):
-        for j, template in enumerate(TEMPLATES[fact.category][0]):
-            records.append({
-                "id": f"text-{fact.category}-{i}-{j}",
-                "conversations": [{"from": "human", "value": _phrase(template, fact)},
-                                  {"from": "gpt", "value": fact.answer}],
-            })
+        qas = [(_phrase(t, fact), fact.answer) for t in TEMPLATES[fact.category][0]]
+        if verify:
+            plain, negated = VERIFY_TEMPLATES[fact.category]
+            wrong = next(o for o in fact.options if o != fact.answer)
+            qas += [(_phrase(plain, fact, fact.answer), "yes"), (_phrase(plain, fact, wrong), "no"),
+                    (_phrase(negated, fact, fact.answer), "no"), (_phrase(negated, fact, wrong), "yes")]
+        for j, (question, answer) in enumerate(qas):
+            records.append({"id": f"text-{fact.category}-{i}-{j}",
+                            "conversations": [{"from": "human", "value": question}, {"from": "gpt", "value": answer}]})
     return records
 
 
