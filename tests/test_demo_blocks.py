@@ -128,7 +128,7 @@ def test_base_llm_trainer_reduces_loss_and_saves(tmp_path):
 
     spec = BaseLLMSpec(hidden=64, layers=2, heads=4, kv_heads=2, intermediate=128, steps=30, batch_size=16,
                        lr=3e-3, seed=0)
-    model, stats = train_base_llm(records, tokenizer, spec, work_dir=tmp_path, progress=False)
+    model, stats = train_base_llm(records, tokenizer, spec, progress=False)
     losses = [loss for _, loss in stats["losses"]]
     assert len(losses) >= 5 and losses[-1] < 0.6 * losses[0]
 
@@ -172,6 +172,7 @@ def test_budget_plans_fit_the_time_limits():
                "stages": {s: {"ms_per_step": 70.0, "batch_size": 16, "setup_s": 1.5} for s in STAGES}}
     quick, full = plan("quick"), plan("full")
     assert set(quick.stages) == set(full.stages) == set(STAGES)
-    assert quick.seconds(timings)["total_training"] < 120 < full.seconds(timings)["total_training"] < 600
+    # training must leave room for evaluation and slower machines: quick <= 4 min, full <= 20 min in all
+    assert quick.seconds(timings)["total_training"] < 150 < full.seconds(timings)["total_training"] < 600
     with pytest.raises(ValueError, match="mode"):
         plan("slow")

@@ -114,16 +114,20 @@ def build_base_llm(spec: BaseLLMSpec, tokenizer):
     return AutoModelForCausalLM.from_config(config)
 
 
-def train_base_llm(records: list[dict], tokenizer, spec: BaseLLMSpec, work_dir: str | Path | None = None,
+def train_base_llm(records: list[dict], tokenizer, spec: BaseLLMSpec,
                    progress: bool = True) -> tuple[torch.nn.Module, dict]:
     """Train a fresh tiny Qwen2 on chat records with HF Trainer; returns (model, stats with loss history)."""
     if not records:
         raise ValueError("train_base_llm got no records")
     model = build_base_llm(spec, tokenizer)
     data = encode_chat(tokenizer, records)
+    with tempfile.TemporaryDirectory(prefix="wings_base_llm_") as scratch:  # Trainer wants an output_dir
+        return _fit(model, data, tokenizer, spec, scratch, progress)
+
+
+def _fit(model, data: list[dict], tokenizer, spec: BaseLLMSpec, scratch: str, progress: bool):
     args = TrainingArguments(
-        # save_strategy="no": Trainer writes nothing to output_dir; the model is saved by save_base_llm
-        output_dir=str(Path(work_dir or tempfile.gettempdir()) / "wings_base_llm_trainer"),
+        output_dir=scratch,
         max_steps=spec.steps, per_device_train_batch_size=spec.batch_size,
         learning_rate=spec.lr, lr_scheduler_type="cosine", warmup_steps=spec.warmup, weight_decay=spec.weight_decay,
         logging_steps=max(1, spec.steps // 20), save_strategy="no", report_to="none", use_cpu=True,

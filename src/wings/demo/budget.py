@@ -10,6 +10,13 @@ and prints the plan `plan(mode, timings)` would give for --quick and full mode, 
 
 Per-step times are the *median* of the timed steps after two warm-up steps: on a shared 2-core machine other
 processes make single steps 5-8x slower, and the median ignores those spikes better than the mean.
+
+Measured on the 2-core CPU machine when idle (torch 2 threads; ms per optimizer step):
+  base LLM (Qwen2 h128 L4, ~1.1M params) B=32 text: 46-54     vision (SigLIP h64 L2, 32px/patch 8) B=128: 19
+  llava_stage1 B=32: 52   llava_stage2 B=16: 39   wings_stage1 B=32: 70   wings_stage2 B=16: 68 (+~1 s setup each)
+With another busy process on the machine, 2-thread steps slow down 5-8x (OpenMP threads spin against each other:
+46 -> 383 ms) while 1 thread stays at ~68 ms; so run one demo at a time, or set torch.set_num_threads(1) when
+the machine is shared.
 """
 
 from __future__ import annotations
@@ -44,6 +51,7 @@ class DemoPlan:
 
     mode: str
     base_llm_steps: int
+    base_llm_verify: bool  # train the base LLM on the yes/no checks too (needs ~2000 steps to stay accurate)
     vision_steps: int
     stages: dict[str, StagePlan]
     vqa_train_records: int  # easy-vqa questions sampled for stage 2 (stage 1 uses captions of the same images)
@@ -81,18 +89,21 @@ TINY_LRS = {
 def plan(mode: str = "full") -> DemoPlan:
     """The proposed sizes (see the report in the module docstring of `wings.demo` for the measurements)."""
     if mode == "quick":
-        stages = {"llava_stage1": StagePlan(60, 32, TINY_LRS["llava_stage1"]),
-                  "llava_stage2": StagePlan(120, 16, TINY_LRS["llava_stage2"]),
-                  "wings_stage1": StagePlan(60, 32, TINY_LRS["wings_stage1"]),
-                  "wings_stage2": StagePlan(120, 16, TINY_LRS["wings_stage2"])}
-        return DemoPlan("quick", base_llm_steps=600, vision_steps=250, stages=stages, vqa_train_records=4000,
+        # 120 stage-2 steps left easy-vqa at chance (0.44-0.46); 600 reached 0.59-0.78, so quick uses 400
+        stages = {"llava_stage1": StagePlan(100, 32, TINY_LRS["llava_stage1"]),
+                  "llava_stage2": StagePlan(400, 16, TINY_LRS["llava_stage2"]),
+                  "wings_stage1": StagePlan(100, 32, TINY_LRS["wings_stage1"]),
+                  "wings_stage2": StagePlan(400, 16, TINY_LRS["wings_stage2"])}
+        return DemoPlan("quick", base_llm_steps=600, base_llm_verify=False, vision_steps=250, stages=stages,
+                        vqa_train_records=4000,
                         text_eval_tasks=172, vqa_eval_tasks=300)
     if mode == "full":
-        stages = {"llava_stage1": StagePlan(200, 32, TINY_LRS["llava_stage1"]),
-                  "llava_stage2": StagePlan(600, 16, TINY_LRS["llava_stage2"]),
-                  "wings_stage1": StagePlan(200, 32, TINY_LRS["wings_stage1"]),
-                  "wings_stage2": StagePlan(600, 16, TINY_LRS["wings_stage2"])}
-        return DemoPlan("full", base_llm_steps=1500, vision_steps=600, stages=stages, vqa_train_records=20000,
+        stages = {"llava_stage1": StagePlan(300, 32, TINY_LRS["llava_stage1"]),
+                  "llava_stage2": StagePlan(1500, 16, TINY_LRS["llava_stage2"]),
+                  "wings_stage1": StagePlan(300, 32, TINY_LRS["wings_stage1"]),
+                  "wings_stage2": StagePlan(1500, 16, TINY_LRS["wings_stage2"])}
+        return DemoPlan("full", base_llm_steps=2000, base_llm_verify=True, vision_steps=600, stages=stages,
+                        vqa_train_records=20000,
                         text_eval_tasks=172, vqa_eval_tasks=1000)
     raise ValueError(f"mode must be 'quick' or 'full', got {mode!r}")
 

@@ -1,0 +1,25 @@
+"""`wings demo [--quick] [--out DIR]`: the embedded demo, offline: base LLM -> LLaVA and Wings MLLMs -> accuracy."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def register(sub) -> None:
+    p = sub.add_parser("demo", help="train a tiny LLM, turn it into a LLaVA and a Wings MLLM, measure forgetting",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--quick", action="store_true", help="the short run (minutes) used in the test suite")
+    p.add_argument("--out", default="demo_out", help="output folder (models, data, results.json)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.set_defaults(func=run)
+
+
+def run(args) -> int:
+    from ..demo.pipeline import run_demo, table
+
+    results = run_demo(args.out, mode="quick" if args.quick else "full", seed=args.seed,
+                       progress=not args.no_progress)
+    print(table(results))
+    print(f"results: {args.out}/results.json")
+    return 0

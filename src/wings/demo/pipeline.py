@@ -1,0 +1,155 @@
+"""The demo's training + core evaluation, end to end: base LLM, vision encoder, LLaVA and Wings stages 1+2.
+
+    run_demo(out_dir, mode="quick"|"full") -> results dict (also written to out_dir/results.json)
+
+Layout of `out_dir`: data/ (every record and task file used), base_llm/, vision/, init_{llava,wings}/,
+{llava,wings}_stage{1,2}/ (each with train_config.yaml and final/), results.json.
+Stage 1 trains on captions of the easy-vqa training images (alignment, as LLaVA's stage 1 uses captions);
+stage 2 on easy-vqa training questions. Sizes and learning rates come from `wings.demo.budget.plan(mode)`.
+Still to add by the demo's owner: IIT configurations, LAWS, plots and REPORT.md (see wings.evaluation).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+from transformers import set_seed
+
+from ..data.easyvqa import caption_records, eval_tasks, llava_records
+from ..data.synthetic import build_knowledge, text_records, text_tasks, write_jsonl
+from ..evaluation.io import write_json
+from .base_llm import BaseLLMSpec, demo_tokenizer, save_base_llm, text_accuracy, train_base_llm
+from .budget import CONFIG_DIR, DemoPlan, compose_demo_models, plan, stage_overrides
+from .vision import VisionSpec, build_encoder, load_images, pretrain_encoder, save_encoder
+
+FAMILIES = ("llava", "wings")
+
+
+def write_data(out: Path, p: DemoPlan, seed: int) -> dict[str, Path]:
+    kb = build_knowledge(seed)
+    data = out / "data"
+    return {
+        "text_train": write_jsonl(text_records(kb, verify=p.base_llm_verify), data / "text_train.jsonl"),
+        "text_heldout": write_jsonl(text_tasks(kb, "heldout"), data / "text_heldout.jsonl"),
+        "text_seen": write_jsonl(text_tasks(kb, "seen"), data / "text_seen.jsonl"),
+        "stage1": write_jsonl(caption_records("train", seed=seed), data / "stage1_captions.jsonl"),
+        "stage2": write_jsonl(llava_records("train", size=p.vqa_train_records, seed=seed), data / "stage2_vqa.jsonl"),
+        "vqa_test": write_jsonl(eval_tasks("test", size=p.vqa_eval_tasks, seed=seed), data / "vqa_test.jsonl"),
+    }
+
+
+def _read_jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def build_base(out: Path, p: DemoPlan, files: dict[str, Path], seed: int, progress: bool):
+    kb = build_knowledge(seed)
+    tokenizer = demo_tokenizer(kb)
+    spec = BaseLLMSpec(steps=p.base_llm_steps, seed=seed)
+    llm, stats = train_base_llm(_read_jsonl(files["text_train"]), tokenizer, spec, progress=progress)
+    stats["heldout"] = text_accuracy(llm, tokenizer, _read_jsonl(files["text_heldout"]), "base", generate=False)
+    save_base_llm(llm, tokenizer, out / "base_llm", stats)
+    return llm, tokenizer, stats
+
+
+def build_vision(out: Path, p: DemoPlan, seed: int, progress: bool):
+    spec = VisionSpec(steps=p.vision_steps, seed=seed)
+    _, processor = build_encoder(spec)
+    encoder, stats = pretrain_encoder(spec, load_images("train", processor), load_images("test", processor))
+    save_encoder(encoder, processor, out / "vision", stats)
+    return encoder, processor, spec, stats
+
+
+def train_stages(out: Path, p: DemoPlan, files: dict[str, Path], inits: dict[str, Path], seed: int) -> dict:
+    """llava_stage1 -> llava_stage2 and wings_stage1 -> wings_stage2 through `wings.training.train`."""
+    from ..training import load_config, train
+
+    results = {}
+    for family in FAMILIES:
+        start = inits[family]
+        for k in (1, 2):
+            stage = f"{family}_stage{k}"
+            sp = p.stages[stage]
+            sets = stage_overrides(stage, start, files[f"stage{k}"], out / stage, sp.steps, sp.batch_size, sp.lrs)
+            t0 = time.perf_counter()
+            result = train(load_config(CONFIG_DIR / f"{stage}.yaml", [*sets, f"train.seed={seed}"]))
+            results[stage] = {"seconds": round(time.perf_counter() - t0, 1), "final_dir": str(result.final_dir),
+                              "losses": list(zip(result.steps, result.losses, strict=True)),
+                              "train_loss": result.train_loss, "trainable": result.trainable}
+            start = result.final_dir
+    return results
+
+
+def evaluate_models(out: Path, files: dict[str, Path], stages: dict) -> dict:
+    """Held-out text accuracy (base and both MLLMs) and easy-vqa test accuracy (both MLLMs), per category."""
+    from ..evaluation import evaluate_task, load_eval_model, load_task
+
+    models = {"base": out / "base_llm"} | {f: Path(stages[f"{f}_stage2"]["final_dir"]) for f in FAMILIES}
+    tasks = {name: load_task(files[name]) for name in ("text_heldout", "text_seen", "vqa_test")}
+    categories = {name: {t["id"]: t.get("category", "all") for t in _read_jsonl(files[name])} for name in tasks}
+    scores: dict[str, dict] = {}
+    for label, path in models.items():
+        em = load_eval_model(path, device="cpu", label=label)
+        scores[label] = {}
+        for name, task in tasks.items():
+            if name == "vqa_test" and label == "base":
+                continue
+            rows = evaluate_task(em, task, batch_size=64, progress=False).predictions
+            per: dict[str, list[bool]] = {}
+            for row in rows:
+                per.setdefault(categories[name][row["id"]], []).append(row["correct"])
+            scores[label][name] = {"accuracy": sum(r["correct"] for r in rows) / len(rows), "n": len(rows),
+                                   "per_category": {c: sum(v) / len(v) for c, v in sorted(per.items())}}
+    return scores
+
+
+def run_demo(out_dir: str | Path, mode: str = "quick", seed: int = 0, progress: bool = True) -> dict:
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    p = plan(mode)
+    set_seed(seed)
+    t0 = time.perf_counter()
+    timings: dict[str, float] = {}
+
+    def tick(name: str, since: float) -> None:
+        timings[name] = round(time.perf_counter() - since, 1)
+
+    t = time.perf_counter()
+    files = write_data(out, p, seed)
+    tick("data", t)
+    t = time.perf_counter()
+    llm, tokenizer, base_stats = build_base(out, p, files, seed, progress)
+    tick("base_llm", t)
+    t = time.perf_counter()
+    encoder, image_processor, vspec, vision_stats = build_vision(out, p, seed, progress)
+    tick("vision", t)
+    inits = compose_demo_models(llm, tokenizer, encoder, image_processor, out, feature_layer=vspec.feature_layer)
+    t = time.perf_counter()
+    stages = train_stages(out, p, files, inits, seed)
+    tick("stages", t)
+    t = time.perf_counter()
+    scores = evaluate_models(out, files, stages)
+    tick("evaluation", t)
+    timings["total"] = round(time.perf_counter() - t0, 1)
+    results = {"mode": mode, "seed": seed, "plan": asdict(p),
+               "base_llm": {k: v for k, v in base_stats.items() if k != "losses"},
+               "vision": {k: v for k, v in vision_stats.items() if k != "losses"}, "stages": stages,
+               "scores": scores, "timings": timings,
+               "vision_pretraining": "supervised shape/colour heads on easy-vqa training images (wings.demo.vision)"}
+    write_json(out / "results.json", results)
+    return results
+
+
+def table(results: dict) -> str:
+    """The printed summary: text accuracy (held-out, seen) and easy-vqa accuracy per model."""
+    s = results["scores"]
+    lines = [f"{'model':<8} {'text held-out':>14} {'text seen':>10} {'easy-vqa':>9}"]
+    for label in ("base", *FAMILIES):
+        vqa = s[label].get("vqa_test", {}).get("accuracy")
+        text = s[label]["text_heldout"]["accuracy"], s[label]["text_seen"]["accuracy"]
+        lines.append(f"{label:<8} {text[0]:>14.3f} {text[1]:>10.3f} {'-' if vqa is None else f'{vqa:.3f}':>9}")
+    lines.append(f"total time {results['timings']['total']:.0f} s")
+    return "\n".join(lines)
