@@ -8,7 +8,7 @@ import os
 import sys
 
 # Subcommand modules, in the order `wings --help` lists them.
-COMMANDS = ["init_model", "smoke", "train", "evaluate", "forgetting", "iit", "laws", "chat", "convert_official"]
+COMMANDS = ["init_model", "smoke", "train", "evaluate", "forgetting", "iit", "laws", "chat", "convert_official", "demo"]
 
 
 class CLIError(Exception):
