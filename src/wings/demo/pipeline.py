@@ -6,7 +6,7 @@ Layout of `out_dir`: data/ (every record and task file used), base_llm/, vision/
 {llava,wings}_stage{1,2}/ (each with train_config.yaml and final/), results.json.
 Stage 1 trains on captions of the easy-vqa training images (alignment, as LLaVA's stage 1 uses captions);
 stage 2 on easy-vqa training questions. Sizes and learning rates come from `wings.demo.budget.plan(mode)`.
-Still to add by the demo's owner: IIT configurations, LAWS, plots and REPORT.md (see wings.evaluation).
+Then: IIT configurations, MLLM-LAWS, PNG plots and REPORT.md (`wings.demo.analysis`).
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ from transformers import set_seed
 from ..data.easyvqa import caption_records, eval_tasks, llava_records
 from ..data.synthetic import build_knowledge, text_records, text_tasks, write_jsonl
 from ..evaluation.io import write_json
+from . import analysis
 from .base_llm import BaseLLMSpec, demo_tokenizer, save_base_llm, text_accuracy, train_base_llm
 from .budget import CONFIG_DIR, DemoPlan, compose_demo_models, plan, stage_overrides
 from .vision import VisionSpec, build_encoder, load_images, pretrain_encoder, save_encoder
@@ -97,11 +98,12 @@ def evaluate_models(out: Path, files: dict[str, Path], stages: dict) -> dict:
         for name, task in tasks.items():
             if name == "vqa_test" and label == "base":
                 continue
-            rows = evaluate_task(em, task, batch_size=64, progress=False).predictions
+            result = evaluate_task(em, task, batch_size=64, progress=False)
             per: dict[str, list[bool]] = {}
-            for row in rows:
+            for row in result.predictions:
                 per.setdefault(categories[name][row["id"]], []).append(row["correct"])
-            scores[label][name] = {"accuracy": sum(r["correct"] for r in rows) / len(rows), "n": len(rows),
+            metrics = result.metrics()
+            scores[label][name] = {**{k: metrics[k] for k in ("accuracy", "ci95", "correct", "n")},
                                    "per_category": {c: sum(v) / len(v) for c, v in sorted(per.items())}}
     return scores
 
@@ -133,23 +135,25 @@ def run_demo(out_dir: str | Path, mode: str = "quick", seed: int = 0, progress: 
     t = time.perf_counter()
     scores = evaluate_models(out, files, stages)
     tick("evaluation", t)
+    mllms = {f: Path(stages[f"{f}_stage2"]["final_dir"]) for f in FAMILIES}
+    t = time.perf_counter()
+    iit = analysis.run_iit(out, files, mllms, per_config=p.iit_per_config, seed=seed)
+    tick("iit", t)
+    t = time.perf_counter()
+    laws = analysis.run_laws(out, files, mllms, max_items=p.laws_items)
+    tick("laws", t)
     timings["total"] = round(time.perf_counter() - t0, 1)
     results = {"mode": mode, "seed": seed, "plan": asdict(p),
                "base_llm": {k: v for k, v in base_stats.items() if k != "losses"},
                "vision": {k: v for k, v in vision_stats.items() if k != "losses"}, "stages": stages,
-               "scores": scores, "timings": timings,
+               "scores": scores, "iit": iit, "laws": laws, "timings": timings,
                "vision_pretraining": "supervised shape/colour heads on easy-vqa training images (wings.demo.vision)"}
+    results["plots"] = analysis.make_plots(out, results)
+    analysis.write_report(out, results)
     write_json(out / "results.json", results)
     return results
 
 
 def table(results: dict) -> str:
-    """The printed summary: text accuracy (held-out, seen) and easy-vqa accuracy per model."""
-    s = results["scores"]
-    lines = [f"{'model':<8} {'text held-out':>14} {'text seen':>10} {'easy-vqa':>9}"]
-    for label in ("base", *FAMILIES):
-        vqa = s[label].get("vqa_test", {}).get("accuracy")
-        text = s[label]["text_heldout"]["accuracy"], s[label]["text_seen"]["accuracy"]
-        lines.append(f"{label:<8} {text[0]:>14.3f} {text[1]:>10.3f} {'-' if vqa is None else f'{vqa:.3f}':>9}")
-    lines.append(f"total time {results['timings']['total']:.0f} s")
-    return "\n".join(lines)
+    """The printed summary (the same markdown table as REPORT.md) and the total time."""
+    return f"{analysis.summary_table(results)}\ntotal time {results['timings']['total']:.0f} s"

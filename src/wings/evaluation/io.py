@@ -39,6 +39,10 @@ def write_jsonl(path: str | Path, rows: Iterable[dict]) -> Path:
     return _atomic(path, write)
 
 
+def write_text(path: str | Path, text: str) -> Path:
+    return _atomic(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
+
+
 def save_figure(fig, path: str | Path) -> Path:
     """Save a matplotlib `Figure` as PNG atomically."""
     return _atomic(path, lambda tmp: fig.savefig(tmp, format="png", dpi=120, bbox_inches="tight"))

@@ -1,0 +1,36 @@
+"""`wings demo --quick` end to end (about 2 minutes on 2 cores): it completes and the models learned."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from wings.cli import main as wings_main
+
+
+@pytest.mark.slow
+def test_quick_demo_completes_and_models_learn(tmp_path, capsys):
+    out = tmp_path / "demo"
+    assert wings_main(["demo", "--quick", "--out", str(out), "--no-progress"]) == 0
+    printed = capsys.readouterr().out
+    assert "| model | text-only held-out" in printed and "total time" in printed
+
+    results = json.loads((out / "results.json").read_text())
+    for name in ("REPORT.md", "forgetting.png", "iit.png", "laws_llava.png", "laws_wings.png", "losses.png"):
+        assert (out / name).stat().st_size > 0, name
+    for stage in ("llava_stage1", "llava_stage2", "wings_stage1", "wings_stage2"):
+        assert (out / stage / "train_config.yaml").is_file()
+        losses = [loss for _, loss in results["stages"][stage]["losses"]]
+        assert sum(losses[-10:]) / 10 < sum(losses[:10]) / 10, stage  # training lowered the loss
+
+    scores = results["scores"]
+    # Base LLM: multiple choice over 4 options (chance 0.25) on held-out phrasings of the facts it was taught.
+    assert scores["base"]["text_heldout"]["ci95"][0] > 0.25 + 0.2
+    # Each MLLM answers easy-vqa well above chance: the interval's lower end clears the options' chance rate.
+    tasks = [json.loads(line) for line in (out / "data" / "vqa_test.jsonl").read_text().splitlines()]
+    chance = sum(1 / len(t["options"]) for t in tasks) / len(tasks)
+    for family in ("llava", "wings"):
+        assert scores[family]["vqa_test"]["ci95"][0] > chance + 0.05, (family, chance)
+        assert set(results["iit"][family]["per_config"]) == {"T", "TT", "TTT", "TTV", "TV", "V"}
+        assert 0.0 <= results["laws"][family]["attention_shift"] <= 2.0
