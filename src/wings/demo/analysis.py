@@ -123,12 +123,15 @@ Produced by `wings demo{' --quick' if results['mode'] == 'quick' else ''} --out 
   projector + full LLM on easy-vqa questions) and Wings (wings_stage1: projector + visual learners;
   wings_stage2: LLM at a lower rate, projector, both learners and the router). The exact configs are in each
   stage directory's `train_config.yaml`; sizes and learning rates in `results.json` (`plan`).
-- **easy-vqa**: real 64x64 shape images from the `easy-vqa` package, multiple choice over the answers of the
+- **easy-vqa**: real 64x64 shape images from the `easy-vqa` package (the tiny encoder sees them at
+  {vision['spec']['image_size']}x{vision['spec']['image_size']}), multiple choice over the answers of the
   question's type (yes/no, colours, shapes).
 - **IIT**: dialogues in the paper's six configurations built from the two held-out pools; earlier turns are
   context with their gold answers, the last turn is scored.
 - **MLLM-LAWS**: attention mass per layer on text before the image, the image and text after it (all query
-  tokens, mean over heads); attention shift = 1 - mean Pearson(LAWS_before, LAWS_after).
+  tokens, mean over heads); attention shift = 1 - mean Pearson(LAWS_before, LAWS_after). With a
+  {results['laws'][next(iter(results['laws']))]['n_layers']}-layer LLM each Pearson correlation has that many
+  points, so the shift is a coarse number here.
 
 ## What this does and does not show
 
