@@ -4,7 +4,7 @@ One image + a question, 256 new tokens (EOS suppressed), greedy. Same backbone s
 Qwen2 hidden 256 / 4 layers / vocab ~1000, SigLIP 64 px / patch 8 (64 image tokens). Decode tokens/s is
 255 / (t(256 new tokens) - t(1 new token)), so the prompt's prefill cost cancels out; medians of repeats.
 
-    python benchmarks/bench_generate.py [--repeats 3] [--new-tokens 256] [--threads 1]
+    python benchmarks/bench_generate.py [--repeats 3] [--new-tokens 256] [--threads 1] [--device cuda]
 """
 
 from __future__ import annotations
@@ -48,6 +48,8 @@ def timed_generate(model, batch, new_tokens: int, use_cache: bool) -> tuple[floa
     with torch.no_grad():
         out = model.generate(**batch, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
                              use_cache=use_cache)
+    if out.is_cuda:
+        torch.cuda.synchronize()
     wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
     assert out.shape[1] - batch["input_ids"].shape[1] == new_tokens
     return wall, cpu
@@ -75,21 +77,23 @@ def main() -> None:
     # One thread by default: at these sizes every op is tiny, and with 2 threads on a busy 2-core machine the
     # OpenMP barriers of ~100 small ops per token made timings swing 5x from run to run.
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--device", default="cpu", help="cpu or cuda (fp32 either way)")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     model, processor = build_tiny(SPEC, rank=64)
     randomize_learners(model)
-    model.eval()
+    model.to(args.device).eval()
     image = Image.open(easy_vqa.get_test_image_paths()[0])
     prompt = processor.apply_chat_template([{"role": "user", "content": "<image>\nWhat shape is in the image?"}],
                                            add_generation_prompt=True, tokenize=False)
-    batch = processor(text=prompt, images=[image])
-    llava = hf_llava(model)
+    batch = processor(text=prompt, images=[image]).to(args.device)
+    llava = hf_llava(model).to(args.device)
     n = args.new_tokens
     print(f"prompt {batch['input_ids'].shape[1]} tokens ({model.config.image_seq_length} image), {n} new tokens, "
-          f"{torch.get_num_threads()} threads, wings params {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M")
+          f"{args.device}, {torch.get_num_threads()} threads, "
+          f"wings params {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M")
     fast = decode_rates({"wings": (model, True), "llava": (llava, True)}, batch, n, args.repeats)
     slow = decode_rates({"wings_no_cache": (model, False)}, batch, n, args.uncached_repeats)
     (cached, cached_cpu), (llava_rate, llava_cpu) = fast["wings"], fast["llava"]
