@@ -73,6 +73,16 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return x * cos + rotate_half(x) * sin
 
 
+def autocast_input(x: torch.Tensor) -> torch.Tensor:
+    """Under autocast, run the learner's identity terms in the autocast dtype, as the main attention's own
+    projections are: one cast here, where fp32 master activations would otherwise cost an fp32 add, RoPE in
+    fp32 and a fresh cast in every low-rank linear."""
+    device = x.device.type
+    if torch.is_autocast_enabled(device):
+        return x.to(torch.get_autocast_dtype(device))
+    return x
+
+
 def open_empty_rows(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """mask [B, T, N] -> (SDPA-safe mask [B, 1, T, N], sees_any [B, T, 1]).
 
@@ -111,6 +121,7 @@ class LoRRALearner(nn.Module):
         self, feats: torch.Tensor, positions: torch.Tensor, valid: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
     ) -> LearnerKeys:
         """feats: [B, N, d] learner features at true `positions` [B, N] -> keys/values with RoPE applied."""
+        feats = autocast_input(feats)
         key = self._heads(feats + self.k_proj(feats))
         value = self._heads(feats + self.v_proj(feats))
         return LearnerKeys(apply_rope(key, cos, sin), value, positions, valid)
@@ -129,6 +140,7 @@ class LoRRALearner(nn.Module):
         `learner_mask` (shared by all layers of one forward); None builds the causal-on-true-positions mask.
         """
         B, T, d = hidden.shape
+        hidden = autocast_input(hidden)
         query = apply_rope(self._heads(hidden + self.q_proj(hidden)), *query_rope)  # [B, H, T, hd]
         if mask is None:
             mask = keys.valid[:, None, :] & (keys.positions[:, None, :] <= query_positions[:, :, None])  # [B, T, N]
