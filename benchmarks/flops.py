@@ -32,6 +32,7 @@ def main() -> None:
     args = p.parse_args()
     cases = {
         "Qwen1.5-7B (d 4096, ffn 11008, MHA), 729 image tokens, r 64": (4096, 4096, 11008, 729, 64),
+        "GPU benchmark LLM (d 4096, ffn 11008, MHA), 64 image tokens, r 64": (4096, 4096, 11008, 64, 64),
         "benchmark LLM (d 512, ffn 1408, kv 256), 64 image tokens, r 64": (512, 256, 1408, 64, 64),
     }
     print(f"T = {args.seq} tokens, per decoder layer, forward GFLOPs")
