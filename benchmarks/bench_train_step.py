@@ -21,6 +21,8 @@ import subprocess
 import sys
 import time
 
+from step_setup import add_shape_args, build
+
 
 def rss_kib() -> int:
     with open("/proc/self/statm") as f:
@@ -30,24 +32,10 @@ def rss_kib() -> int:
 def run_one(args) -> dict:
     import torch
 
-    from wings.builder import TinySpec, build_tiny, train_tiny_tokenizer
-
-    torch.manual_seed(0)
-    spec = TinySpec(hidden=args.hidden, layers=args.layers, heads=args.heads, kv_heads=args.kv_heads,
-                    intermediate=args.intermediate, vocab=1000, max_positions=4096, tie_embeddings=False,
-                    image_size=64, patch_size=8, vision_hidden=192, vision_layers=2)
-    tok = train_tiny_tokenizer(1000)
-    extra = {} if args.mode == "llava" else {"router_impl": args.router_impl, "router_max_positions": 4096}
-    model, processor = build_tiny(spec, tokenizer=tok, mode=args.mode, rank=args.rank, router=args.router, **extra)
+    model, _, batch = build(args, args.mode)
     device = torch.device(args.device)
-    model.to(device).train()
     if args.grad_ckpt:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    B, T = args.batch, args.seq
-    n_img = processor.image_seq_length
-    ids = torch.randint(10, 900, (B, T))
-    ids[:, 8:8 + n_img] = processor.image_token_id  # one image per sample, after a short prefix
-    ids, pixels = ids.to(device), torch.randn(B, 3, 64, 64, device=device)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
     cuda = device.type == "cuda"
     # Mixed precision as the Trainer does it: fp32 master weights, bf16 autocast for the forward.
@@ -55,7 +43,7 @@ def run_one(args) -> dict:
 
     def step():
         with autocast:
-            loss = model(input_ids=ids, pixel_values=pixels, labels=ids).loss
+            loss = model(**batch).loss
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -94,21 +82,11 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--mode", default="wings")
-    p.add_argument("--router-impl", default="sdpa")
-    p.add_argument("--router", default="position")
-    p.add_argument("--batch", type=int, default=4)
-    p.add_argument("--seq", type=int, default=256)
-    p.add_argument("--hidden", type=int, default=512)
-    p.add_argument("--layers", type=int, default=2)
-    p.add_argument("--heads", type=int, default=8)
-    p.add_argument("--kv-heads", type=int, default=4)
-    p.add_argument("--intermediate", type=int, default=1408)
-    p.add_argument("--rank", type=int, default=64)
+    add_shape_args(p, batch=4, seq=256)
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--long-seq", type=int, default=2048)
     p.add_argument("--grad-ckpt", type=int, default=0, help="1: gradient checkpointing (as the released recipe)")
     p.add_argument("--only", choices=["small", "long"], help="run one shape only")
-    p.add_argument("--device", default="cpu", help="cpu or cuda")
     p.add_argument("--precision", default="fp32", choices=["fp32", "bf16"], help="bf16: autocast, fp32 weights")
     args = p.parse_args()
     if args.child:

@@ -14,9 +14,8 @@ import argparse
 import collections
 
 import torch
+from step_setup import add_shape_args, build
 from torch.profiler import ProfilerActivity, profile
-
-from wings.builder import TinySpec, build_tiny, train_tiny_tokenizer
 
 BYTES = {torch.float32: 4, torch.bfloat16: 2, torch.float16: 2, torch.bool: 1}
 
@@ -24,34 +23,16 @@ BYTES = {torch.float32: 4, torch.bfloat16: 2, torch.float16: 2, torch.bool: 1}
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--mode", default="wings", choices=["wings", "llava"])
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--batch", type=int, default=2)
-    p.add_argument("--seq", type=int, default=256)
-    p.add_argument("--hidden", type=int, default=512)
-    p.add_argument("--layers", type=int, default=2)
-    p.add_argument("--heads", type=int, default=8)
-    p.add_argument("--kv-heads", type=int, default=4)
-    p.add_argument("--intermediate", type=int, default=1408)
-    p.add_argument("--rank", type=int, default=64)
+    add_shape_args(p, batch=2, seq=256)
     p.add_argument("--rows", type=int, default=25, help="profiler table rows")
     args = p.parse_args()
 
-    torch.manual_seed(0)
-    spec = TinySpec(hidden=args.hidden, layers=args.layers, heads=args.heads, kv_heads=args.kv_heads,
-                    intermediate=args.intermediate, vocab=1000, max_positions=4096, tie_embeddings=False,
-                    image_size=64, patch_size=8, vision_hidden=192, vision_layers=2)
-    extra = {} if args.mode == "llava" else {"router_impl": "sdpa", "router_max_positions": 4096}
-    model, processor = build_tiny(spec, tokenizer=train_tiny_tokenizer(1000), mode=args.mode, rank=args.rank,
-                                  **extra)
+    model, _, batch = build(args, args.mode)
     device = torch.device(args.device)
-    model.to(device).train()
-    ids = torch.randint(10, 900, (args.batch, args.seq))
-    ids[:, 8:8 + processor.image_seq_length] = processor.image_token_id
-    ids, pixels = ids.to(device), torch.randn(args.batch, 3, 64, 64, device=device)
 
     def forward():
         with torch.autocast(device.type, dtype=torch.bfloat16):
-            return model(input_ids=ids, pixel_values=pixels, labels=ids).loss
+            return model(**batch).loss
 
     saved: collections.Counter = collections.Counter()
 
