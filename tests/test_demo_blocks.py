@@ -176,3 +176,23 @@ def test_budget_plans_fit_the_time_limits():
     assert quick.seconds(timings)["total_training"] < 150 < full.seconds(timings)["total_training"] < 600
     with pytest.raises(ValueError, match="mode"):
         plan("slow")
+
+
+def test_text_replay_appends_the_text_records_and_the_report_names_the_command(tmp_path):
+    from dataclasses import asdict
+
+    from wings.demo.analysis import command
+    from wings.demo.budget import plan
+    from wings.demo.pipeline import write_data
+
+    p = plan("quick")
+    plain = write_data(tmp_path / "plain", p, seed=0)
+    replay = write_data(tmp_path / "replay", p, seed=0, text_replay=True)
+    read = lambda path: [json.loads(line) for line in path.read_text().splitlines()]  # noqa: E731
+    images, texts, mixed = read(plain["stage2"]), read(plain["text_train"]), read(replay["stage2"])
+    assert mixed == images + texts and all("image" not in r for r in texts)
+    assert command(tmp_path, {"mode": "quick", "seed": 0, "plan": asdict(p), "text_replay": False}) \
+        == f"wings demo --quick --out {tmp_path}"
+    p.stages["wings_stage2"].steps = 900
+    assert command(tmp_path, {"mode": "full", "seed": 2, "plan": asdict(p), "text_replay": True}) \
+        == f"wings demo --out {tmp_path} --seed 2 --stage2-steps 900 --text-replay"

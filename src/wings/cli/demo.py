@@ -12,6 +12,10 @@ def register(sub) -> None:
     p.add_argument("--out", default="demo_out", help="output folder (models, data, results.json)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_argument("--stage2-steps", type=int, default=None, metavar="N",
+                   help="steps of both stage-2 runs (default: the mode's plan, 1500 in full mode)")
+    p.add_argument("--text-replay", action="store_true",
+                   help="append the base LLM's text records to the stage-2 image questions (both recipes)")
     p.set_defaults(func=run)
 
 
@@ -19,7 +23,7 @@ def run(args) -> int:
     from ..demo.pipeline import run_demo, table
 
     results = run_demo(args.out, mode="quick" if args.quick else "full", seed=args.seed,
-                       progress=not args.no_progress)
+                       progress=not args.no_progress, stage2_steps=args.stage2_steps, text_replay=args.text_replay)
     print(table(results))
     print(f"results: {args.out}/results.json")
     return 0

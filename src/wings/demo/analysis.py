@@ -14,6 +14,7 @@ from ..evaluation.iit import build_iit_file
 from ..evaluation.io import save_figure, write_text
 from ..evaluation.laws import compute_laws
 from ..evaluation.plots import accuracy_bars, laws_curves
+from .budget import plan
 
 IIT_CONFIGS = ("T", "TT", "TTT", "TTV", "TV", "V")
 
@@ -100,12 +101,30 @@ def summary_table(results: dict) -> str:
     return "\n".join(rows)
 
 
+def stage2_data(results: dict) -> str:
+    return ", plus the base LLM's text records replayed" if results.get("text_replay") else ""
+
+
+def command(out: Path, results: dict) -> str:
+    """The `wings demo` command line that reproduces `results` (mode, seed, stage-2 length, replay)."""
+    parts = ["wings demo"] + (["--quick"] if results["mode"] == "quick" else []) + [f"--out {out}"]
+    if results["seed"]:
+        parts.append(f"--seed {results['seed']}")
+    default = plan(results["mode"]).stages["wings_stage2"].steps
+    steps = results["plan"]["stages"]["wings_stage2"]["steps"]
+    if steps != default:
+        parts.append(f"--stage2-steps {steps}")
+    if results.get("text_replay"):
+        parts.append("--text-replay")
+    return " ".join(parts)
+
+
 def write_report(out: Path, results: dict) -> Path:
     base = results["base_llm"]
     vision = results["vision"]
     text = f"""# Wings demo report ({results['mode']} mode, seed {results['seed']})
 
-Produced by `wings demo{' --quick' if results['mode'] == 'quick' else ''} --out {out}` in
+Produced by `{command(out, results)}` in
 {results['timings']['total']:.0f} s on this machine (CPU only). Accuracies with 95% Wilson intervals.
 
 {summary_table(results)}
@@ -120,9 +139,10 @@ Produced by `wings demo{' --quick' if results['mode'] == 'quick' else ''} --out 
   easy-vqa training images (test accuracy shape {vision['test_accuracy']['shape']:.2f}, colour
   {vision['test_accuracy']['colour']:.2f}).
 - **Two MLLMs from the same base**: the LLaVA-style baseline (llava_stage1: projector on captions; llava_stage2:
-  projector + full LLM on easy-vqa questions) and Wings (wings_stage1: projector + visual learners;
-  wings_stage2: LLM at a lower rate, projector, both learners and the router). The exact configs are in each
-  stage directory's `train_config.yaml`; sizes and learning rates in `results.json` (`plan`).
+  projector + full LLM on easy-vqa questions{stage2_data(results)}) and Wings (wings_stage1: projector +
+  visual learners; wings_stage2: LLM at a lower rate, projector, both learners and the router, same data). The
+  exact configs are in each stage directory's `train_config.yaml`; sizes and learning rates in `results.json`
+  (`plan`).
 - **easy-vqa**: real 64x64 shape images from the `easy-vqa` package (the tiny encoder sees them at
   {vision['spec']['image_size']}x{vision['spec']['image_size']}), multiple choice over the answers of the
   question's type (yes/no, colours, shapes).

@@ -29,10 +29,12 @@ from .vision import VisionSpec, build_encoder, load_images, pretrain_encoder, sa
 FAMILIES = ("llava", "wings")
 
 
-def write_data(out: Path, p: DemoPlan, seed: int) -> dict[str, Path]:
+def write_data(out: Path, p: DemoPlan, seed: int, text_replay: bool = False) -> dict[str, Path]:
+    """Every data file of the demo. `text_replay` appends the base LLM's text records to the stage-2 image
+    questions (replay against forgetting, as the paper's stage 2 mixes in text-only instructions)."""
     kb = build_knowledge(seed)
     data = out / "data"
-    return {
+    files = {
         "text_train": write_jsonl(text_records(kb, verify=p.base_llm_verify), data / "text_train.jsonl"),
         "text_heldout": write_jsonl(text_tasks(kb, "heldout"), data / "text_heldout.jsonl"),
         "text_seen": write_jsonl(text_tasks(kb, "seen"), data / "text_seen.jsonl"),
@@ -40,6 +42,10 @@ def write_data(out: Path, p: DemoPlan, seed: int) -> dict[str, Path]:
         "stage2": write_jsonl(llava_records("train", size=p.vqa_train_records, seed=seed), data / "stage2_vqa.jsonl"),
         "vqa_test": write_jsonl(eval_tasks("test", size=p.vqa_eval_tasks, seed=seed), data / "vqa_test.jsonl"),
     }
+    if text_replay:
+        replay = _read_jsonl(files["stage2"]) + _read_jsonl(files["text_train"])
+        files["stage2"] = write_jsonl(replay, data / "stage2_vqa_plus_text.jsonl")
+    return files
 
 
 def _read_jsonl(path: Path) -> list[dict]:
@@ -108,10 +114,15 @@ def evaluate_models(out: Path, files: dict[str, Path], stages: dict) -> dict:
     return scores
 
 
-def run_demo(out_dir: str | Path, mode: str = "quick", seed: int = 0, progress: bool = True) -> dict:
+def run_demo(out_dir: str | Path, mode: str = "quick", seed: int = 0, progress: bool = True,
+             stage2_steps: int | None = None, text_replay: bool = False) -> dict:
+    """The whole demo; `stage2_steps` overrides both stage-2 lengths (the README's budget sweep)."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     p = plan(mode)
+    if stage2_steps is not None:
+        for family in FAMILIES:
+            p.stages[f"{family}_stage2"].steps = stage2_steps
     set_seed(seed)
     t0 = time.perf_counter()
     timings: dict[str, float] = {}
@@ -120,7 +131,7 @@ def run_demo(out_dir: str | Path, mode: str = "quick", seed: int = 0, progress: 
         timings[name] = round(time.perf_counter() - since, 1)
 
     t = time.perf_counter()
-    files = write_data(out, p, seed)
+    files = write_data(out, p, seed, text_replay)
     tick("data", t)
     t = time.perf_counter()
     llm, tokenizer, base_stats = build_base(out, p, files, seed, progress)
@@ -143,7 +154,7 @@ def run_demo(out_dir: str | Path, mode: str = "quick", seed: int = 0, progress: 
     laws = analysis.run_laws(out, files, mllms, max_items=p.laws_items)
     tick("laws", t)
     timings["total"] = round(time.perf_counter() - t0, 1)
-    results = {"mode": mode, "seed": seed, "plan": asdict(p),
+    results = {"mode": mode, "seed": seed, "plan": asdict(p), "text_replay": text_replay,
                "base_llm": {k: v for k, v in base_stats.items() if k != "losses"},
                "vision": {k: v for k, v in vision_stats.items() if k != "losses"}, "stages": stages,
                "scores": scores, "iit": iit, "laws": laws, "timings": timings,
