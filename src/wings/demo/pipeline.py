@@ -117,6 +117,8 @@ def evaluate_models(out: Path, files: dict[str, Path], stages: dict) -> dict:
 def run_demo(out_dir: str | Path, mode: str = "quick", seed: int = 0, progress: bool = True,
              stage2_steps: int | None = None, text_replay: bool = False) -> dict:
     """The whole demo; `stage2_steps` overrides both stage-2 lengths (the README's budget sweep)."""
+    if stage2_steps is not None and stage2_steps < 1:
+        raise ValueError(f"stage2_steps must be a positive number of steps, got {stage2_steps}")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     p = plan(mode)
