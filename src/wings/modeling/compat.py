@@ -23,7 +23,7 @@ from __future__ import annotations
 import torch
 
 from .learner import LearnerKeys
-from .state import TokenSet, WingsState, gather_tokens
+from .state import WingsState, token_set
 
 
 def use_cache_official(cache, use_cache: bool | None) -> bool:
@@ -51,9 +51,7 @@ def apply_official(state: WingsState, inputs_embeds: torch.Tensor, is_image: tor
     keep = ~is_image & valid & ((position_ids >= config.system_prompt_length) | ~has_image[:, None])
     state.textual_tokens = None
     if bool(keep.any()):
-        feats, pos, ok = gather_tokens(inputs_embeds, keep, position_ids)
-        cos, sin = rotary_emb(feats, pos)
-        state.textual_tokens = TokenSet(feats, pos, ok, cos, sin)
+        state.textual_tokens = token_set(inputs_embeds, keep, position_ids, rotary_emb)
     state.compat_official = {"has_image": has_image}
 
 

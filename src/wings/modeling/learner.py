@@ -75,8 +75,8 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 
 def autocast_input(x: torch.Tensor) -> torch.Tensor:
     """Under autocast, run the learner's identity terms in the autocast dtype, as the main attention's own
-    projections are: one cast here, where fp32 master activations would otherwise cost an fp32 add, RoPE in
-    fp32 and a fresh cast in every low-rank linear."""
+    projections are: one cast, where fp32 master activations would otherwise cost an fp32 add, RoPE in fp32
+    and a fresh cast in every low-rank linear."""
     device = x.device.type
     if torch.is_autocast_enabled(device):
         return x.to(torch.get_autocast_dtype(device))
@@ -120,8 +120,8 @@ class LoRRALearner(nn.Module):
     def project_keys(
         self, feats: torch.Tensor, positions: torch.Tensor, valid: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
     ) -> LearnerKeys:
-        """feats: [B, N, d] learner features at true `positions` [B, N] -> keys/values with RoPE applied."""
-        feats = autocast_input(feats)
+        """feats: [B, N, d] learner features at true `positions` [B, N] -> keys/values with RoPE applied.
+        Under autocast, `feats` arrive already cast (`state.token_set`)."""
         key = self._heads(feats + self.k_proj(feats))
         value = self._heads(feats + self.v_proj(feats))
         return LearnerKeys(apply_rope(key, cos, sin), value, positions, valid)

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .learner import LearnerKeys
+from .learner import LearnerKeys, autocast_input
 from .router import SEG_IMAGE, SEG_PAD, SEG_TEXT_AFTER, SEG_TEXT_BEFORE
 
 
@@ -87,6 +87,14 @@ def gather_tokens(x: torch.Tensor, keep: torch.Tensor, positions: torch.Tensor) 
     return feats, positions.gather(1, order), valid
 
 
+def token_set(x: torch.Tensor, keep: torch.Tensor, positions: torch.Tensor, rotary_emb) -> TokenSet:
+    """The learner key features where `keep` is True, with RoPE tables at their true positions. Under autocast
+    the features are cast here, once per forward, rather than in every layer's key projection."""
+    feats, pos, ok = gather_tokens(x, keep, positions)
+    cos, sin = rotary_emb(feats, pos)
+    return TokenSet(autocast_input(feats), pos, ok, cos, sin)
+
+
 def token_segments(is_image: torch.Tensor, valid: torch.Tensor, seen_image: torch.Tensor | None) -> torch.Tensor:
     """SEG_* id of each token: padding, image, text before any image, text after an image."""
     before = is_image.cumsum(dim=1) == 0
@@ -117,15 +125,11 @@ def build_state(
     seen = cache.seen_image if cache is not None else None
     segments = token_segments(is_image, valid, seen)
 
-    def token_set(keep: torch.Tensor) -> TokenSet | None:
-        if not keep.any():
-            return None
-        feats, pos, ok = gather_tokens(inputs_embeds, keep, position_ids)
-        cos, sin = rotary_emb(feats, pos)
-        return TokenSet(feats, pos, ok, cos, sin)
+    def tokens_where(keep: torch.Tensor) -> TokenSet | None:
+        return token_set(inputs_embeds, keep, position_ids, rotary_emb) if keep.any() else None
 
-    visual = token_set(is_image & valid)
-    textual = token_set(~is_image & valid)
+    visual = tokens_where(is_image & valid)
+    textual = tokens_where(~is_image & valid)
     has_image = is_image.any(dim=1)
     key_positions, key_segments, key_valid = position_ids, segments, valid
     if cache is not None:
