@@ -72,5 +72,5 @@ def test_bad_images_are_refused(chat_model, tmp_path):
     not_image.write_text("not an image")
     with pytest.raises(ValueError, match="notes.png"):
         session.attach(not_image)
-    with pytest.raises(FileNotFoundError, match="missing.png"):
+    with pytest.raises(ValueError, match="missing.png: does not exist"):
         session.attach(tmp_path / "missing.png")

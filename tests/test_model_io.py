@@ -104,8 +104,23 @@ def test_bad_image_tensors_are_rejected(make_tiny):
         model(input_ids=ids, pixel_values=torch.zeros(1, 3, 32, 32, dtype=torch.uint8))
     with pytest.raises(ValueError, match=r"expects \(32, 32\)"):
         model(input_ids=ids, pixel_values=torch.zeros(1, 3, 48, 48))
-    with pytest.raises(ValueError, match="PIL"):
+    with pytest.raises(ValueError, match="not-an-image: does not exist"):
         processor(text="<image>", images=["not-an-image"])
+
+
+def test_processor_reads_image_sources_as_transformers_passes_them(make_tiny, tmp_path):
+    """transformers 5 hands processors images as strings (paths, data URLs): the same pixels as a PIL image."""
+    import base64
+
+    from PIL import Image
+
+    _, processor = make_tiny()
+    path = tmp_path / "shape.png"
+    Image.effect_noise((40, 30), 60).convert("RGB").save(path)
+    url = "data:image/png;base64," + base64.b64encode(path.read_bytes()).decode()
+    reference = processor(text="<image>", images=[Image.open(path)])["pixel_values"]
+    for source in (str(path), path, url, path.read_bytes()):
+        assert torch.equal(processor(text="<image>", images=[source])["pixel_values"], reference)
 
 
 def test_unsupported_backbones_are_named(make_tiny):

@@ -8,7 +8,12 @@ import torch
 from PIL import Image
 from transformers import BatchFeature, ProcessorMixin
 
+from .images import DEFAULT_LIMITS, ImageLimits, SourcePolicy, open_image
+
 IMAGE_TOKEN = "<image>"
+# Padding to a square allocates max(w, h)^2 pixels; sides beyond this are first reduced (aspect kept), which only
+# changes images far larger than any encoder's input, and bounds the canvas at 16 Mpx.
+PAD_MAX_SIDE = 4096
 
 # ChatML (Qwen's layout, as in the released model). Content is a string with inline `<image>`, or HF-style
 # parts [{"type": "image"}, {"type": "text", "text": ...}]. `{% generation %}` marks what a model must learn
@@ -32,6 +37,9 @@ CHATML_TEMPLATE = (
 
 def pad_to_square(image: Image.Image, fill: tuple[int, int, int]) -> Image.Image:
     """Centre the image on a square canvas of `fill` colour (LLaVA's expand2square)."""
+    if max(image.size) > PAD_MAX_SIDE:
+        image = image.copy()
+        image.thumbnail((PAD_MAX_SIDE, PAD_MAX_SIDE))
     w, h = image.size
     if w == h:
         return image
@@ -70,13 +78,16 @@ class WingsProcessor(ProcessorMixin):
         mean = getattr(self.image_processor, "image_mean", None) or [0.5, 0.5, 0.5]
         return tuple(int(255 * m) for m in mean)
 
-    def preprocess_images(self, images: Sequence[Image.Image]) -> torch.Tensor:
-        """PIL images -> pixel_values [N, 3, H, W] (RGB, padded to square or resized, then normalised)."""
+    def preprocess_images(self, images: Sequence, limits: ImageLimits = DEFAULT_LIMITS,
+                          policy: SourcePolicy | None = None) -> torch.Tensor:
+        """Images -> pixel_values [N, 3, H, W] (RGB, padded to square or resized, then normalised).
+
+        Each image is a PIL image or a source `wings.images.open_image` reads (path, data URL, bytes; http(s)
+        URLs as transformers' `load_image` does, unless `policy` says otherwise), checked against `limits`."""
+        policy = policy if policy is not None else SourcePolicy(allow_remote=True)
         prepared = []
-        for i, image in enumerate(images):
-            if not isinstance(image, Image.Image):
-                raise ValueError(f"image {i} is a {type(image).__name__}, expected a PIL.Image")
-            image = image.convert("RGB")
+        for image in images:
+            image = open_image(image, limits, policy)
             if self.image_pad_mode == "pad":
                 image = pad_to_square(image, self.fill_colour)
             prepared.append(image)

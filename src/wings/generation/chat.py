@@ -7,8 +7,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 
+from ..images import open_image
 from ..processing import IMAGE_TOKEN
 from .streaming import StreamResult, stream_generate
 
@@ -17,17 +18,8 @@ OFFICIAL_SYSTEM_PROMPT = "You are a helpful assistant."
 
 
 def load_image(path: str | Path) -> Image.Image:
-    """Open an image file fully (RGB), or raise ValueError/FileNotFoundError naming the file."""
-    p = Path(path)
-    if not p.exists():
-        raise FileNotFoundError(f"image {p} does not exist")
-    if not p.is_file():
-        raise ValueError(f"image {p} is not a file")
-    try:
-        with Image.open(p) as image:
-            return image.convert("RGB")
-    except (UnidentifiedImageError, OSError) as err:
-        raise ValueError(f"cannot read image {p}: {err.__class__.__name__}: {err}") from err
+    """Open an image file fully (RGB) within the default size limits, or raise `ImageError` naming the file."""
+    return open_image(Path(path))
 
 
 def pick_device(requested: str = "auto") -> torch.device:
