@@ -14,13 +14,15 @@ from __future__ import annotations
 
 import torch
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from . import compat
-from .learner import LoRRALearner, learner_mask
-from .router import RouterDispatchConfig, RouterProbe, WingsRouter, check_router_width, router_mask
+from .learner import LoRRALearner, autocast_input, learner_mask, plus_low_rank_pair
+from .router import RouterDispatchConfig, RouterProbe, WingsRouter, router_mask
 from .state import WingsState
 
 WINGS_PARTS = ("visual", "textual", "router")
+LEARNER_KINDS = ("visual", "textual")
 
 
 def attach_wings(attn: nn.Module, layer_idx: int, hidden_size: int, num_heads: int, head_dim: int, rank: int,
@@ -74,7 +76,8 @@ def _before_attention(attn: nn.Module, args: tuple, kwargs: dict):
 
 
 def _after_attention(attn: nn.Module, args: tuple, kwargs: dict, output):
-    call = attn.__dict__.pop("_wings_call", None)
+    call = attn._wings_call
+    attn._wings_call = None
     if call is None:
         return None
     state, residual, probe, query_rope = call
@@ -87,32 +90,26 @@ def _make_probe(attn: nn.Module, state: WingsState) -> RouterProbe | None:
     router = getattr(attn, "router", None)
     if router is None:
         return None
-    if "probe_mask" not in state.memo:  # shared by every layer of this forward
-        check_router_width(router, state.key_positions)
-        state.memo["probe_mask"] = router_mask(state.query_positions, state.key_positions, state.key_valid)
-    values = router.value_matrix(state.key_positions, state.key_segments, router.linear.weight.dtype)
-    # Decoding one token: the [B, H, 1, S] probabilities are tiny, so the eager path is the cheaper one.
-    impl = "eager" if state.query_positions.shape[1] == 1 else state.router_impl
-    return RouterProbe(values, state.memo["probe_mask"], impl, plain_causal=state.plain_causal)
+
+    def mask_fn() -> torch.Tensor:  # the reference paths' mask, shared by every layer of this forward
+        if "probe_mask" not in state.memo:
+            state.memo["probe_mask"] = router_mask(state.query_positions, state.key_positions, state.key_valid)
+        return state.memo["probe_mask"]
+
+    values = state.router_values(attn.wings_layer_idx, router)
+    return RouterProbe(values, mask_fn, state.router_impl, fused=state.kernels.fused_router,
+                       plain_causal=state.plain_causal, query_valid=state.query_valid)
 
 
 def learner_delta(attn: nn.Module, hidden: torch.Tensor, state: WingsState, query_rope, probe: RouterProbe | None):
     """hidden: h' [B, T, d] -> w_v * Vis(h') + w_t * Txt(h') (or their plain sum without a router)."""
     layer_idx = attn.wings_layer_idx
-    outs = {}
-    for kind in ("visual", "textual"):
-        learner = getattr(attn, kind, None)
-        if learner is None:
-            continue
-        keys = state.learner_keys(layer_idx, kind, learner)
-        if keys is None:  # e.g. a text-only batch for the visual learner
-            outs[kind] = learner.anchor() if attn.training else None
-            continue
-        if state.compat_official is not None:
-            mask = compat.learner_mask(kind, keys, state.query_positions)
-        else:  # every layer's keys of one kind share positions and validity: build the mask once per forward
-            mask = state.memo.get(kind) or state.memo.setdefault(kind, learner_mask(keys, state.query_positions))
-        outs[kind] = learner(hidden, state.query_positions, query_rope, keys, mask=mask)
+    learners = {kind: getattr(attn, kind) for kind in LEARNER_KINDS if getattr(attn, kind, None) is not None}
+    if state.kernels.learner_recompute and attn.training and torch.is_grad_enabled() and state.cache is None:
+        # Keep only h' (and the shared key features) for the backward; the learners run again there.
+        outs = checkpoint(_learner_outputs, attn, learners, hidden, state, query_rope, use_reentrant=False)
+    else:
+        outs = _learner_outputs(attn, learners, hidden, state, query_rope)
     vis, txt = outs.get("visual"), outs.get("textual")
     router = getattr(attn, "router", None)
     if router is None or probe is None:
@@ -135,3 +132,28 @@ def learner_delta(attn: nn.Module, hidden: torch.Tensor, state: WingsState, quer
     if vis is not None:
         delta = delta + w_vis * vis
     return delta
+
+
+def _learner_outputs(attn: nn.Module, learners: dict[str, LoRRALearner], hidden: torch.Tensor, state: WingsState,
+                     query_rope) -> dict[str, torch.Tensor | None]:
+    """{kind: learner output [B, T, d]} (None, or a zero anchor in training, for a learner with no keys)."""
+    outs, keys = {}, {}
+    for kind, learner in learners.items():
+        keys[kind] = state.learner_keys(attn.wings_layer_idx, kind, learner)
+        if keys[kind] is None:  # e.g. a text-only batch for the visual learner
+            outs[kind] = learner.anchor() if attn.training else None
+    running = [kind for kind in learners if keys[kind] is not None]
+    hidden = autocast_input(hidden)
+    if len(running) == 2 and state.kernels.fused_down:  # both queries read h': one down-projection matmul
+        queries = dict(zip(running, plus_low_rank_pair(hidden, *(learners[k].q_proj for k in running), True),
+                           strict=True))
+    else:
+        queries = {kind: hidden + learners[kind].q_proj(hidden) for kind in running}
+    for kind in running:
+        learner = learners[kind]
+        if state.compat_official is not None:
+            mask = compat.learner_mask(kind, keys[kind], state.query_positions)
+        else:  # every layer's keys of one kind share positions and validity: build the mask once per forward
+            mask = state.memo.get(kind) or state.memo.setdefault(kind, learner_mask(keys[kind], state.query_positions))
+        outs[kind] = learner.attend(learner.queries(queries[kind], query_rope), keys[kind], mask)
+    return outs

@@ -11,12 +11,12 @@ the LLM's own rotary embedding at those positions. A query that sees no key gets
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 from transformers import initialization as hf_init
+
+from .buffers import ColumnBuffer
 
 
 class LowRankLinear(nn.Module):
@@ -40,23 +40,38 @@ class LowRankLinear(nn.Module):
         return self.up(self.down(x))
 
 
-@dataclass
-class LearnerKeys:
-    """Keys/values of one learner in one layer, after projection and RoPE, ready for attention."""
+def plus_low_rank_pair(x: torch.Tensor, first: LowRankLinear, second: LowRankLinear,
+                       fused: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """(x + first(x), x + second(x)); `fused` runs both down-projections as one matmul (they read the same x)."""
+    if not fused:
+        return x + first(x), x + second(x)
+    rank = first.down.out_features
+    both = F.linear(x, torch.cat([first.down.weight, second.down.weight]))  # [..., 2r]
+    return x + first.up(both[..., :rank]), x + second.up(both[..., rank:])
 
-    key: torch.Tensor  # [B, H, N, hd]
-    value: torch.Tensor  # [B, H, N, hd]
-    positions: torch.Tensor  # [B, N] true sequence positions
-    valid: torch.Tensor  # [B, N] bool; False for padding slots
+
+class LearnerKeys:
+    """Keys/values of one learner in one layer, after projection and RoPE, ready for attention.
+
+    `key`/`value` [B, H, N, hd], `positions` [B, N] (true sequence positions), `valid` [B, N] (False for padding
+    slots). A cache appends new tokens' keys in place (`extend`), with spare capacity, instead of re-concatenating
+    the whole set at every decoding step.
+    """
+
+    def __init__(self, key: torch.Tensor, value: torch.Tensor, positions: torch.Tensor, valid: torch.Tensor):
+        self._columns = (ColumnBuffer(key, 2), ColumnBuffer(value, 2), ColumnBuffer(positions, 1),
+                         ColumnBuffer(valid, 1))
+
+    key = property(lambda self: self._columns[0].view)
+    value = property(lambda self: self._columns[1].view)
+    positions = property(lambda self: self._columns[2].view)
+    valid = property(lambda self: self._columns[3].view)
 
     def extend(self, other: LearnerKeys) -> LearnerKeys:
-        """Append `other`'s keys after ours (used by the KV cache when new tokens arrive)."""
-        return LearnerKeys(
-            key=torch.cat([self.key, other.key], dim=2),
-            value=torch.cat([self.value, other.value], dim=2),
-            positions=torch.cat([self.positions, other.positions], dim=1),
-            valid=torch.cat([self.valid, other.valid], dim=1),
-        )
+        """Append `other`'s keys after ours (the KV cache's new tokens); returns self."""
+        for mine, theirs in zip(self._columns, (other.key, other.value, other.positions, other.valid), strict=True):
+            mine.append(theirs)
+        return self
 
     def select_batch(self, index: torch.Tensor) -> LearnerKeys:
         return LearnerKeys(self.key[index], self.value[index], self.positions[index], self.valid[index])
@@ -86,7 +101,8 @@ def autocast_input(x: torch.Tensor) -> torch.Tensor:
 def open_empty_rows(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """mask [B, T, N] -> (SDPA-safe mask [B, 1, T, N], sees_any [B, T, 1]).
 
-    SDPA returns NaN for a row with no visible key: such rows are opened here and their output zeroed after.
+    SDPA returns NaN for a row with no visible key on some kernels: such rows are opened here and their output
+    zeroed after.
     """
     sees_any = mask.any(dim=-1, keepdim=True)
     return (mask | ~sees_any)[:, None], sees_any
@@ -117,14 +133,27 @@ class LoRRALearner(nn.Module):
         B, N, _ = x.shape
         return x.view(B, N, self.num_heads, self.head_dim).transpose(1, 2)  # [B, H, N, hd]
 
-    def project_keys(
-        self, feats: torch.Tensor, positions: torch.Tensor, valid: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
-    ) -> LearnerKeys:
+    def project_keys(self, feats: torch.Tensor, positions: torch.Tensor, valid: torch.Tensor, cos: torch.Tensor,
+                     sin: torch.Tensor, fused_down: bool = False) -> LearnerKeys:
         """feats: [B, N, d] learner features at true `positions` [B, N] -> keys/values with RoPE applied.
         Under autocast, `feats` arrive already cast (`state.token_set`)."""
-        key = self._heads(feats + self.k_proj(feats))
-        value = self._heads(feats + self.v_proj(feats))
-        return LearnerKeys(apply_rope(key, cos, sin), value, positions, valid)
+        key, value = plus_low_rank_pair(feats, self.k_proj, self.v_proj, fused_down)
+        return LearnerKeys(apply_rope(self._heads(key), cos, sin), self._heads(value), positions, valid)
+
+    def queries(self, query: torch.Tensor, query_rope: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        """query = h' + B_q A_q h' [B, T, d] -> [B, H, T, hd] with RoPE."""
+        return apply_rope(self._heads(query), *query_rope)
+
+    def attend(self, query: torch.Tensor, keys: LearnerKeys,
+               mask: tuple[torch.Tensor, torch.Tensor] | torch.Tensor) -> torch.Tensor:
+        """query [B, H, T, hd] (RoPE applied) -> learner output [B, T, d], 0 where no key is visible."""
+        B, _, T, _ = query.shape
+        safe_mask, sees_any = mask if isinstance(mask, tuple) else open_empty_rows(mask)
+        attn = F.scaled_dot_product_attention(query, keys.key.to(query.dtype), keys.value.to(query.dtype),
+                                              attn_mask=safe_mask)  # [B, H, T, hd]
+        # Zero the rows that see nothing after the (linear, bias-free) output projection: the projection then
+        # reads the attention output itself (a view of what SDPA saves anyway), not a masked copy of it.
+        return self.o_proj(attn.transpose(1, 2).reshape(B, T, -1)) * sees_any.to(attn.dtype)
 
     def forward(
         self,
@@ -139,16 +168,10 @@ class LoRRALearner(nn.Module):
         `mask` is either a [B, T, N] bool mask (official compat mode) or the `(safe_mask, sees_any)` pair of
         `learner_mask` (shared by all layers of one forward); None builds the causal-on-true-positions mask.
         """
-        B, T, d = hidden.shape
         hidden = autocast_input(hidden)
-        query = apply_rope(self._heads(hidden + self.q_proj(hidden)), *query_rope)  # [B, H, T, hd]
         if mask is None:
             mask = keys.valid[:, None, :] & (keys.positions[:, None, :] <= query_positions[:, :, None])  # [B, T, N]
-        safe_mask, sees_any = mask if isinstance(mask, tuple) else open_empty_rows(mask)
-        attn = F.scaled_dot_product_attention(query, keys.key.to(query.dtype), keys.value.to(query.dtype),
-                                              attn_mask=safe_mask)  # [B, H, T, hd]
-        attn = attn.transpose(1, 2).reshape(B, T, d) * sees_any.to(attn.dtype)
-        return self.o_proj(attn)
+        return self.attend(self.queries(hidden + self.q_proj(hidden), query_rope), keys, mask)
 
     def anchor(self) -> torch.Tensor:
         """0 * (sum of parameters): keeps every parameter in the graph when the learner is skipped (DDP/ZeRO)."""
