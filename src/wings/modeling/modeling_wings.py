@@ -217,6 +217,13 @@ class WingsForConditionalGeneration(WingsPreTrainedModel, GenerationMixin):
         model_kwargs["pixel_values"] = pixel_values
         return input_ids, model_kwargs
 
+    def create_masks_for_generate(self, config, **kwargs):
+        # generate pre-builds the decoder's masks for a static cache: build them from the config the decoder itself
+        # builds them from (a composed model's `text_config` copy may not carry the attention implementation).
+        from transformers.masking_utils import create_masks_for_generate
+
+        return create_masks_for_generate(getattr(self.language_model, "model", self.language_model).config, **kwargs)
+
     def prepare_inputs_for_generation(self, input_ids, cache=None, pixel_values=None, is_first_iteration=False,
                                       **kwargs):
         mask_2d = kwargs.get("attention_mask")
