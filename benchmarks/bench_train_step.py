@@ -74,8 +74,8 @@ def run_interleaved(args, variants: list[str]) -> dict[str, dict]:
     steps = {}
     for v in variants:
         steps[v], model = make_step(args, v)
-        steps[v]()  # warm-up: allocates optimizer state and grads (and compiles, with --compile)
-        steps[v]()
+        for _ in range(args.warmup):  # allocates optimizer state and grads (and compiles, with --compile)
+            steps[v]()
         steps[v + "/params"] = sum(p.numel() for p in model.parameters()) / 1e6
     times = {v: {"wall": [], "cpu": []} for v in variants}
     for r in range(args.repeats):
@@ -148,6 +148,7 @@ def main() -> None:
     add_shape_args(p, batch=4, seq=256)
     p.add_argument("--variants", default="llava,wings", help="comma-separated; the first is the baseline")
     p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--warmup", type=int, default=2, help="untimed steps per variant first")
     p.add_argument("--isolate", action="store_true", help="one process per variant: also reports peak memory")
     p.add_argument("--grad-ckpt", type=int, default=0, help="1: gradient checkpointing (as the released recipe)")
     p.add_argument("--precision", default="fp32", choices=["fp32", "bf16"], help="bf16: autocast, fp32 weights")

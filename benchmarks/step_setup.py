@@ -66,7 +66,7 @@ def build(args: argparse.Namespace, mode: str):
 def set_kernel_options(model, options: list[str]) -> None:
     """Switch the model's runtime kernel choices (`model.wings_kernels`) to the reference paths named in options."""
     kernels = getattr(model, "wings_kernels", None)
-    wanted = {"separate": ("fused_router", False), "unfused": ("fused_down", False),
+    wanted = {"separate": ("fused_router", False), "unfused": ("fused_lowrank", False),
               "recompute": ("learner_recompute", True)}
     for option in options:
         if option in wanted:

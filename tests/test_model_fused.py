@@ -130,11 +130,11 @@ def test_decoding_with_shared_probabilities_equals_reference(make_tiny, router):
     assert all((rec_a[k] - rec_b[k]).abs().max() <= 1e-5 for k in rec_b)
 
 
-def test_fused_down_projections_equal_separate(make_tiny):
+def test_fused_lowrank_projections_equal_separate(make_tiny):
     model, processor = setup(make_tiny)
     model.train()
     batch = padded_batch(processor)
-    assert_same(run(model, batch, fused_down=True), run(model, batch, fused_down=False), 1e-5)
+    assert_same(run(model, batch, fused_lowrank=True), run(model, batch, fused_lowrank=False), 1e-5)
 
 
 def test_learner_recompute_keeps_loss_and_gradients(make_tiny):

@@ -13,6 +13,7 @@ The learners and router are registered as children of the original attention mod
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
@@ -107,44 +108,59 @@ def learner_delta(attn: nn.Module, hidden: torch.Tensor, state: WingsState, quer
     learners = {kind: getattr(attn, kind) for kind in LEARNER_KINDS if getattr(attn, kind, None) is not None}
     if state.kernels.learner_recompute and attn.training and torch.is_grad_enabled() and state.cache is None:
         # Keep only h' (and the shared key features) for the backward; the learners run again there.
-        outs = checkpoint(_learner_outputs, attn, learners, hidden, state, query_rope, use_reentrant=False)
+        low = checkpoint(_learner_outputs, attn, learners, hidden, state, query_rope, use_reentrant=False)
     else:
-        outs = _learner_outputs(attn, learners, hidden, state, query_rope)
-    vis, txt = outs.get("visual"), outs.get("textual")
+        low = _learner_outputs(attn, learners, hidden, state, query_rope)
+    # A learner without keys (e.g. the visual one in a text-only batch) is skipped; in training its parameters
+    # stay in the graph through a zero anchor (DDP/ZeRO expect every parameter to get a gradient).
+    anchors = [learners[kind].anchor() for kind, a in low.items() if a is None and attn.training]
+    low = {kind: a for kind, a in low.items() if a is not None}
+    w_vis = w_txt = None
     router = getattr(attn, "router", None)
-    if router is None or probe is None:
-        present = [o for o in (vis, txt) if o is not None]
-        return sum(present) if present else torch.zeros_like(hidden)
-    if probe.summary is None:
-        raise RuntimeError(
-            f"layer {layer_idx}: the router got no attention summary; the attention kernel did not run "
-            "through the Wings dispatcher (was the attention module's config replaced after injection?)"
-        )
-    weights = router(probe.summary)  # [B, T, 2]
-    if state.record is not None:
-        state.record[layer_idx] = weights.detach()
-    if state.compat_official is not None:  # the released model's double add (compat.py)
-        return compat.combine(vis, txt, weights, state)
-    # A sample without any image skips the visual learner and keeps the textual learner at full weight.
-    w_vis = weights[..., :1]
-    w_txt = torch.where(state.has_image[:, None, None], weights[..., 1:], torch.ones_like(weights[..., 1:]))
-    delta = torch.zeros_like(hidden) if txt is None else w_txt * txt
-    if vis is not None:
-        delta = delta + w_vis * vis
-    return delta
+    if router is not None and probe is not None:
+        if probe.summary is None:
+            raise RuntimeError(
+                f"layer {layer_idx}: the router got no attention summary; the attention kernel did not run "
+                "through the Wings dispatcher (was the attention module's config replaced after injection?)"
+            )
+        weights = router(probe.summary)  # [B, T, 2]
+        if state.record is not None:
+            state.record[layer_idx] = weights.detach()
+        if state.compat_official is not None:  # the released model's double add (compat.py)
+            outs = {kind: learners[kind].o_proj.up(a) for kind, a in low.items()}
+            return _plus(compat.combine(outs.get("visual"), outs.get("textual"), weights, state), anchors)
+        # A sample without any image skips the visual learner and keeps the textual learner at full weight.
+        w_vis = weights[..., :1]
+        w_txt = torch.where(state.has_image[:, None, None], weights[..., 1:], torch.ones_like(weights[..., 1:]))
+    scales = {"visual": w_vis, "textual": w_txt}
+    if not low:
+        return _plus(torch.zeros_like(hidden), anchors)
+    if state.kernels.fused_lowrank and len(low) == 2:
+        # w_v B_v a_v + w_t B_t a_t = [w_v a_v | w_t a_t] @ [B_v | B_t]^T: one matmul with 2r inner channels, the
+        # router weights applied to r channels instead of d.
+        scaled = [a if scales[kind] is None else a * scales[kind].to(a.dtype) for kind, a in low.items()]
+        up = torch.cat([learners[kind].o_proj.up.weight for kind in low], dim=1)  # [d, 2r]
+        return _plus(F.linear(torch.cat(scaled, dim=-1), up), anchors)
+    delta = None
+    for kind, a in low.items():
+        out = learners[kind].o_proj.up(a)
+        out = out if scales[kind] is None else scales[kind] * out
+        delta = out if delta is None else delta + out
+    return _plus(delta, anchors)
+
+
+def _plus(delta: torch.Tensor, anchors: list[torch.Tensor]) -> torch.Tensor:
+    return delta + sum(anchors) if anchors else delta
 
 
 def _learner_outputs(attn: nn.Module, learners: dict[str, LoRRALearner], hidden: torch.Tensor, state: WingsState,
                      query_rope) -> dict[str, torch.Tensor | None]:
-    """{kind: learner output [B, T, d]} (None, or a zero anchor in training, for a learner with no keys)."""
-    outs, keys = {}, {}
-    for kind, learner in learners.items():
-        keys[kind] = state.learner_keys(attn.wings_layer_idx, kind, learner)
-        if keys[kind] is None:  # e.g. a text-only batch for the visual learner
-            outs[kind] = learner.anchor() if attn.training else None
+    """{kind: the learner's output before its up-projection [B, T, r]}, None for a learner with no keys."""
+    keys = {kind: state.learner_keys(attn.wings_layer_idx, kind, learner) for kind, learner in learners.items()}
     running = [kind for kind in learners if keys[kind] is not None]
+    outs: dict[str, torch.Tensor | None] = {kind: None for kind in learners}
     hidden = autocast_input(hidden)
-    if len(running) == 2 and state.kernels.fused_down:  # both queries read h': one down-projection matmul
+    if len(running) == 2 and state.kernels.fused_lowrank:  # both queries read h': one down-projection matmul
         queries = dict(zip(running, plus_low_rank_pair(hidden, *(learners[k].q_proj for k in running), True),
                            strict=True))
     else:

@@ -13,9 +13,10 @@ class WingsKernels:
     # Router summary as extra value channels of the main SDPA call (several queries), or from the main
     # attention's own probabilities (decoding); False: a separate attention pass after the main one (reference).
     fused_router: bool = True
-    # One matmul for the down-projections that read the same input (both learners' queries; a learner's keys
-    # and values); False: one matmul per projection (reference).
-    fused_down: bool = True
+    # One matmul for low-rank projections that share an input (the down-projections of both learners' queries,
+    # of a learner's keys and values) or an output (both learners' output up-projections, router weights applied
+    # to the rank-r activations); False: one matmul per projection and a full-width blend (reference).
+    fused_lowrank: bool = True
     # Recompute the learners' activations (queries, keys, values, attention) in the backward instead of keeping
     # them: less memory for one more learner forward. Only in training with autograd on; off by default.
     learner_recompute: bool = False

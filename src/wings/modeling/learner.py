@@ -134,10 +134,10 @@ class LoRRALearner(nn.Module):
         return x.view(B, N, self.num_heads, self.head_dim).transpose(1, 2)  # [B, H, N, hd]
 
     def project_keys(self, feats: torch.Tensor, positions: torch.Tensor, valid: torch.Tensor, cos: torch.Tensor,
-                     sin: torch.Tensor, fused_down: bool = False) -> LearnerKeys:
+                     sin: torch.Tensor, fused_lowrank: bool = False) -> LearnerKeys:
         """feats: [B, N, d] learner features at true `positions` [B, N] -> keys/values with RoPE applied.
         Under autocast, `feats` arrive already cast (`state.token_set`)."""
-        key, value = plus_low_rank_pair(feats, self.k_proj, self.v_proj, fused_down)
+        key, value = plus_low_rank_pair(feats, self.k_proj, self.v_proj, fused_lowrank)
         return LearnerKeys(apply_rope(self._heads(key), cos, sin), self._heads(value), positions, valid)
 
     def queries(self, query: torch.Tensor, query_rope: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
@@ -146,14 +146,15 @@ class LoRRALearner(nn.Module):
 
     def attend(self, query: torch.Tensor, keys: LearnerKeys,
                mask: tuple[torch.Tensor, torch.Tensor] | torch.Tensor) -> torch.Tensor:
-        """query [B, H, T, hd] (RoPE applied) -> learner output [B, T, d], 0 where no key is visible."""
+        """query [B, H, T, hd] (RoPE applied) -> A_o MHA(Q, K, V) [B, T, r], the output before its up-projection
+        (`o_proj.up`), 0 where no key is visible."""
         B, _, T, _ = query.shape
         safe_mask, sees_any = mask if isinstance(mask, tuple) else open_empty_rows(mask)
         attn = F.scaled_dot_product_attention(query, keys.key.to(query.dtype), keys.value.to(query.dtype),
                                               attn_mask=safe_mask)  # [B, H, T, hd]
-        # Zero the rows that see nothing after the (linear, bias-free) output projection: the projection then
-        # reads the attention output itself (a view of what SDPA saves anyway), not a masked copy of it.
-        return self.o_proj(attn.transpose(1, 2).reshape(B, T, -1)) * sees_any.to(attn.dtype)
+        # Zero the rows that see nothing after the (linear, bias-free) down-projection: it then reads the attention
+        # output itself (a view of what SDPA saves anyway), and the zeroing touches r channels, not d.
+        return self.o_proj.down(attn.transpose(1, 2).reshape(B, T, -1)) * sees_any.to(attn.dtype)
 
     def forward(
         self,
@@ -171,7 +172,7 @@ class LoRRALearner(nn.Module):
         hidden = autocast_input(hidden)
         if mask is None:
             mask = keys.valid[:, None, :] & (keys.positions[:, None, :] <= query_positions[:, :, None])  # [B, T, N]
-        return self.attend(self.queries(hidden + self.q_proj(hidden), query_rope), keys, mask)
+        return self.o_proj.up(self.attend(self.queries(hidden + self.q_proj(hidden), query_rope), keys, mask))
 
     def anchor(self) -> torch.Tensor:
         """0 * (sum of parameters): keeps every parameter in the graph when the learner is skipped (DDP/ZeRO)."""

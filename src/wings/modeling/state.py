@@ -132,7 +132,7 @@ class WingsState:
         new = None
         if tokens is not None and tokens.feats.shape[1] > 0:
             new = learner.project_keys(tokens.feats, tokens.positions, tokens.valid, tokens.cos, tokens.sin,
-                                       fused_down=self.kernels.fused_down)
+                                       fused_lowrank=self.kernels.fused_lowrank)
         if self.cache is None:
             return new
         old = self.cache.keys.get((layer_idx, kind))

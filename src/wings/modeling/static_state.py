@@ -93,7 +93,7 @@ class StaticLearnerCache:
         """Project this forward's tokens, write them at their columns, return every column (masked by kind)."""
         tokens = state.visual_tokens if kind == "visual" else state.textual_tokens
         new = learner.project_keys(tokens.feats, tokens.positions, tokens.valid, tokens.cos, tokens.sin,
-                                   fused_down=state.kernels.fused_down)
+                                   fused_lowrank=state.kernels.fused_lowrank)
         if (layer_idx, kind) not in self.keys:
             shape = (*new.key.shape[:2], self.max_len, new.key.shape[-1])
             self.keys[(layer_idx, kind)] = tuple(_static(new.key.new_zeros(shape)) for _ in range(2))
