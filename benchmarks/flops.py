@@ -2,6 +2,7 @@
 
     python benchmarks/flops.py                 # per decoder layer, Qwen1.5-7B-like and the benchmark shapes
     python benchmarks/flops.py --seq 1039 --image-tokens 576 --hidden 2048 --heads 16 --kv-heads 16 --ffn 5632
+    (with --hidden: also the bytes a decoding step moves at that shape, --seq cached keys)
 
 Counts multiply-adds x2 for matmuls; causal attention counts the visible half of the score matrix, a learner
 over image keys counts every query against every image key (an upper bound: text before the image sees none).
@@ -56,6 +57,21 @@ def model_flops(d: int, d_kv: int, ffn: int, layers: int, vocab: int, T: int, n_
     return {"base": base, "wings": base + extra, "ratio": (base + extra) / base, "layer_ratio": per_layer["ratio"]}
 
 
+def decode_bytes(d: int, d_kv: int, ffn: int, batch: int, keys: int, n_image: int, rank: int,
+                 cat_cache: bool = True) -> dict:
+    """Bytes one decoding step reads (and the stock cache copies) per decoder layer, fp32: the yardstick for
+    decode, which is bound by memory traffic rather than FLOPs. `keys`: KV-cache length; `n_image`: image keys of
+    the visual learner per sample. HF's DynamicCache re-concatenates its whole KV cache at every step
+    (`cat_cache`: read + write), in both models; the learner cache appends in place."""
+    weights = 4 * (2 * d * d + 2 * d * d_kv + 3 * d * ffn)
+    kv = 4 * batch * keys * 2 * d_kv
+    base = weights + kv * (3 if cat_cache else 1)
+    learners = 4 * 6 * 2 * d * rank  # low-rank weights read: q, o of both learners, k, v of the textual one
+    text_keys = keys - n_image
+    extra = learners + 4 * batch * 2 * d * (n_image + text_keys)  # visual + textual keys and values, full width
+    return {"base": base, "wings": base + extra, "ratio": base / (base + extra)}
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--seq", type=int, default=2048)
@@ -76,6 +92,12 @@ def main() -> None:
         hd = args.hidden // args.heads
         cases = {"given shape": (args.hidden, args.kv_heads * hd, args.ffn, args.image_tokens or 0, args.rank, hd)}
     print(f"T = {args.seq} tokens, per decoder layer, forward GFLOPs")
+    if args.hidden:
+        for batch in (1, 8):
+            b = decode_bytes(args.hidden, args.kv_heads * (args.hidden // args.heads), args.ffn, batch, args.seq,
+                             args.image_tokens or 0, args.rank)
+            print(f"- decode, batch {batch}, {args.seq} cached keys: {b['base'] / 2**20:.0f} MiB per layer and step "
+                  f"(llava), +{(b['wings'] - b['base']) / 2**20:.0f} MiB (wings)  => llava/wings {b['ratio']:.3f}")
     for name, (d, d_kv, ffn, n_img, r, hd) in cases.items():
         for router in ("separate", "fused"):
             f = layer_flops(d, d_kv, ffn, args.seq, n_img, r, router=router, head_dim=hd)

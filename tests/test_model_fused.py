@@ -169,3 +169,24 @@ def test_column_buffer_appends_in_place_and_keeps_order():
     grad = ColumnBuffer(torch.zeros(1, 2, requires_grad=True), dim=1)
     grad.append(torch.ones(1, 1))
     assert grad.view.requires_grad and grad.view.shape == (1, 3)  # autograd: functional concatenation
+
+
+def test_inference_keeps_fused_weights_only_while_they_are_unchanged(make_tiny):
+    """The concatenated low-rank weights kept between inference forwards follow in-place updates and reloads."""
+    model, processor = setup(make_tiny)
+    batch = padded_batch(processor)
+
+    def logits(fused: bool) -> torch.Tensor:
+        model.wings_kernels.fused_lowrank = fused
+        with torch.no_grad():
+            return model(**batch).logits[batch["attention_mask"].bool()]
+
+    assert (logits(True) - logits(False)).abs().max() < 1e-5
+    attn = model.language_model.model.layers[0].self_attn
+    with torch.no_grad():
+        attn.textual.q_proj.down.weight.mul_(-2.0)  # in place: same tensor, new version
+        attn.visual.o_proj.up.weight.add_(0.5)
+    assert (logits(True) - logits(False)).abs().max() < 1e-5
+    state = {k: v.clone() * 0.5 if ".visual." in k else v for k, v in model.state_dict().items()}
+    model.load_state_dict(state)
+    assert (logits(True) - logits(False)).abs().max() < 1e-5

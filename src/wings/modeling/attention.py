@@ -18,7 +18,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from . import compat
-from .learner import LoRRALearner, autocast_input, learner_mask, plus_low_rank_pair
+from .learner import LoRRALearner, as_dtype, autocast_input, concatenated, learner_mask, plus_low_rank_pair
 from .router import RouterDispatchConfig, RouterProbe, WingsRouter, router_mask
 from .state import WingsState
 
@@ -50,7 +50,7 @@ def detach_wings(attn: nn.Module) -> nn.Module:
     """Remove the learners, router and hooks; `attn` is then the stock module again."""
     for handle in getattr(attn, "_wings_hooks", ()):
         handle.remove()
-    for name in (*WINGS_PARTS, "_wings_hooks", "wings_layer_idx", "_wings_call"):
+    for name in (*WINGS_PARTS, "_wings_hooks", "wings_layer_idx", "_wings_call", "_wings_concatenated"):
         if hasattr(attn, name):
             delattr(attn, name)
     if isinstance(attn.config, RouterDispatchConfig):
@@ -84,7 +84,7 @@ def _after_attention(attn: nn.Module, args: tuple, kwargs: dict, output):
     state, residual, probe, query_rope = call
     attn_out, attn_weights = output[0], output[1]
     delta = learner_delta(attn, residual + attn_out, state, query_rope, probe)  # learners read h'
-    return (attn_out + delta.to(attn_out.dtype), attn_weights, *output[2:])
+    return (attn_out + as_dtype(delta, attn_out.dtype), attn_weights, *output[2:])
 
 
 def _make_probe(attn: nn.Module, state: WingsState) -> RouterProbe | None:
@@ -138,8 +138,8 @@ def learner_delta(attn: nn.Module, hidden: torch.Tensor, state: WingsState, quer
     if state.kernels.fused_lowrank and len(low) == 2:
         # w_v B_v a_v + w_t B_t a_t = [w_v a_v | w_t a_t] @ [B_v | B_t]^T: one matmul with 2r inner channels, the
         # router weights applied to r channels instead of d.
-        scaled = [a if scales[kind] is None else a * scales[kind].to(a.dtype) for kind, a in low.items()]
-        up = torch.cat([learners[kind].o_proj.up.weight for kind in low], dim=1)  # [d, 2r]
+        scaled = [a if scales[kind] is None else a * as_dtype(scales[kind], a.dtype) for kind, a in low.items()]
+        up = concatenated(attn, "o_up", [learners[kind].o_proj.up.weight for kind in low], dim=1)  # [d, 2r]
         return _plus(F.linear(torch.cat(scaled, dim=-1), up), anchors)
     delta = None
     for kind, a in low.items():
@@ -161,8 +161,8 @@ def _learner_outputs(attn: nn.Module, learners: dict[str, LoRRALearner], hidden:
     outs: dict[str, torch.Tensor | None] = {kind: None for kind in learners}
     hidden = autocast_input(hidden)
     if len(running) == 2 and state.kernels.fused_lowrank:  # both queries read h': one down-projection matmul
-        queries = dict(zip(running, plus_low_rank_pair(hidden, *(learners[k].q_proj for k in running), True),
-                           strict=True))
+        pair = plus_low_rank_pair(hidden, *(learners[k].q_proj for k in running), True, attn, "q_down")
+        queries = dict(zip(running, pair, strict=True))
     else:
         queries = {kind: hidden + learners[kind].q_proj(hidden) for kind in running}
     for kind in running:

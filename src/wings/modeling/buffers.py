@@ -15,6 +15,7 @@ class ColumnBuffer:
 
     def __init__(self, first: torch.Tensor, dim: int, capacity: int | None = None):
         self.dim = dim
+        self._view: torch.Tensor | None = None
         self.length = first.shape[dim]
         capacity = max(capacity or 0, self.length)
         if capacity == self.length:
@@ -25,7 +26,10 @@ class ColumnBuffer:
 
     @property
     def view(self) -> torch.Tensor:
-        return self.storage.narrow(self.dim, 0, self.length)
+        # Cached until the next change: the learners read their keys several times per decoding step.
+        if self._view is None:
+            self._view = self.storage.narrow(self.dim, 0, self.length)
+        return self._view
 
     @property
     def capacity(self) -> int:
@@ -44,14 +48,17 @@ class ColumnBuffer:
         else:
             self.storage.narrow(self.dim, self.length, n).copy_(new)
         self.length = needed
+        self._view = None
 
     def truncate(self, length: int) -> None:
         """Forget the columns from `length` on (their storage is reused by later appends)."""
         self.length = min(self.length, length)
+        self._view = None
 
     def select_batch(self, index: torch.Tensor) -> None:
         """Keep/reorder rows of dimension 0 (a copy of the used columns only)."""
         self.storage = self.view[index]
+        self._view = None
 
 
 def _with_size(shape: torch.Size, dim: int, size: int) -> list[int]:

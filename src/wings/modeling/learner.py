@@ -40,13 +40,28 @@ class LowRankLinear(nn.Module):
         return self.up(self.down(x))
 
 
-def plus_low_rank_pair(x: torch.Tensor, first: LowRankLinear, second: LowRankLinear,
-                       fused: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """(x + first(x), x + second(x)); `fused` runs both down-projections as one matmul (they read the same x)."""
+def concatenated(owner: nn.Module, name: str, weights: list[torch.Tensor], dim: int = 0) -> torch.Tensor:
+    """`torch.cat(weights, dim)`, kept on `owner` between forwards when no gradient can flow (inference), so that
+    a decoding step neither copies the weights nor pays the call; rebuilt when any of them changes (in-place
+    updates bump `_version`, replaced tensors change `data_ptr`)."""
+    if torch.compiler.is_compiling() or (torch.is_grad_enabled() and any(w.requires_grad for w in weights)):
+        return torch.cat(weights, dim)
+    key = (dim, *((w.data_ptr(), w._version) for w in weights))  # a new device or dtype is a new data_ptr
+    store = owner.__dict__.setdefault("_wings_concatenated", {})
+    if name not in store or store[name][0] != key:
+        store[name] = (key, torch.cat(weights, dim))
+    return store[name][1]
+
+
+def plus_low_rank_pair(x: torch.Tensor, first: LowRankLinear, second: LowRankLinear, fused: bool,
+                       owner: nn.Module | None = None, name: str = "") -> tuple[torch.Tensor, torch.Tensor]:
+    """(x + first(x), x + second(x)); `fused` runs both down-projections as one matmul (they read the same x).
+    `owner`/`name`: where the concatenated down weights may be kept between inference forwards."""
     if not fused:
         return x + first(x), x + second(x)
     rank = first.down.out_features
-    both = F.linear(x, torch.cat([first.down.weight, second.down.weight]))  # [..., 2r]
+    weights = [first.down.weight, second.down.weight]
+    both = F.linear(x, concatenated(owner, name, weights) if owner is not None else torch.cat(weights))  # [..., 2r]
     return x + first.up(both[..., :rank]), x + second.up(both[..., rank:])
 
 
@@ -84,8 +99,13 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """x: [B, H, N, hd]; cos/sin: [B, N, hd] from the LLM's rotary embedding at the tokens' true positions."""
-    cos, sin = cos.unsqueeze(1).to(x.dtype), sin.unsqueeze(1).to(x.dtype)
-    return x * cos + rotate_half(x) * sin
+    cos, sin = as_dtype(cos.unsqueeze(1), x.dtype), as_dtype(sin.unsqueeze(1), x.dtype)
+    return torch.addcmul(x * cos, rotate_half(x), sin)
+
+
+def as_dtype(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """`x.to(dtype)` without the call when it already is (decoding pays per op, not per FLOP)."""
+    return x if x.dtype == dtype else x.to(dtype)
 
 
 def autocast_input(x: torch.Tensor) -> torch.Tensor:
@@ -137,7 +157,7 @@ class LoRRALearner(nn.Module):
                      sin: torch.Tensor, fused_lowrank: bool = False) -> LearnerKeys:
         """feats: [B, N, d] learner features at true `positions` [B, N] -> keys/values with RoPE applied.
         Under autocast, `feats` arrive already cast (`state.token_set`)."""
-        key, value = plus_low_rank_pair(feats, self.k_proj, self.v_proj, fused_lowrank)
+        key, value = plus_low_rank_pair(feats, self.k_proj, self.v_proj, fused_lowrank, self, "kv_down")
         return LearnerKeys(apply_rope(self._heads(key), cos, sin), self._heads(value), positions, valid)
 
     def queries(self, query: torch.Tensor, query_rope: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
@@ -150,11 +170,11 @@ class LoRRALearner(nn.Module):
         (`o_proj.up`), 0 where no key is visible."""
         B, _, T, _ = query.shape
         safe_mask, sees_any = mask if isinstance(mask, tuple) else open_empty_rows(mask)
-        attn = F.scaled_dot_product_attention(query, keys.key.to(query.dtype), keys.value.to(query.dtype),
-                                              attn_mask=safe_mask)  # [B, H, T, hd]
+        attn = F.scaled_dot_product_attention(query, as_dtype(keys.key, query.dtype),
+                                              as_dtype(keys.value, query.dtype), attn_mask=safe_mask)  # [B, H, T, hd]
         # Zero the rows that see nothing after the (linear, bias-free) down-projection: it then reads the attention
         # output itself (a view of what SDPA saves anyway), and the zeroing touches r channels, not d.
-        return self.o_proj.down(attn.transpose(1, 2).reshape(B, T, -1)) * sees_any.to(attn.dtype)
+        return self.o_proj.down(attn.transpose(1, 2).reshape(B, T, -1)) * as_dtype(sees_any, attn.dtype)
 
     def forward(
         self,

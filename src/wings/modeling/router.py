@@ -161,7 +161,9 @@ class RouterProbe:
         if sees_any is not None:
             probs = probs * sees_any  # a query that sees nothing attends to nothing (as SDPA): 0, not uniform
         self.summary = torch.matmul(probs.sum(dim=(1, 2)), self.values.float()).to(query.dtype)  # [B, T, C]
-        probs = F.dropout(probs.to(query.dtype), p=dropout, training=dropout > 0)
+        probs = probs.to(query.dtype)
+        if dropout > 0:
+            probs = F.dropout(probs, p=dropout)
         out = torch.matmul(probs.view(B, Hkv, groups * T, S), value)  # [B, Hkv, groups * T, D]
         return out.view(B, H, T, D).transpose(1, 2).contiguous(), None
 
