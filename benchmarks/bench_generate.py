@@ -1,15 +1,23 @@
 """Decode speed of a Wings model with and without the KV (+ learner) cache, and against HF's own LLaVA.
 
-One image per prompt + a question, greedy, EOS suppressed, `--batch` prompts at once (each its own easy-vqa
-image). Every model has the same backbone sizes; HF `LlavaForConditionalGeneration` is the baseline. Decode
-tokens/s per sequence = (n - 1) / (t(n new tokens) - t(1 new token)), so the prompt's prefill cancels out.
-Wings and LLaVA runs are interleaved in one process, and the Wings/LLaVA ratio is the median of the per-round
-ratios; "per CPU-second" divides by this process's CPU time, the steadier figure on a shared machine.
+One image per prompt + a question, greedy, `--batch` prompts at once (each its own easy-vqa image). Every model
+has the same backbone sizes; HF `LlavaForConditionalGeneration` is the baseline. Two methods:
+
+- `--method steps` (default): both models prefill once, then decoding steps (one cached forward each, greedy)
+  ALTERNATE between them, step by step, in one process: each Wings step has a LLaVA step at the same cache
+  length right beside it, and the ratio is the median over those pairs. On a shared machine, where load moves
+  from second to second, this is far steadier than timing whole generate() calls.
+- `--method generate` (and always for `--cache-impl static`, whose compiled decoding step lives in generate):
+  decode tokens/s = (n - 1) / (t(n new tokens) - t(1 new token)), prefill cancelled, runs interleaved per round.
+
+"per CPU-second" divides by this process's CPU time, the steadier figure when other jobs share the cores.
 
     python benchmarks/bench_generate.py                          # tiny width (hidden 256, 64 image tokens)
     python benchmarks/bench_generate.py --hidden 2048 --layers 2 --heads 16 --kv-heads 16 --intermediate 5632 \\
         --image-size 384 --patch-size 16 --new-tokens 64 --uncached-tokens 4 [--batch 8]
     python benchmarks/bench_generate.py --cache-impl static [--compile]   # pre-allocated caches (compiled forward)
+
+The no-cache figure recomputes prompt and all tokens at every step (`--uncached-tokens` steps timed).
 """
 
 from __future__ import annotations
@@ -94,6 +102,51 @@ def ratio_of(a: list[tuple[float, float]], b: list[tuple[float, float]], i: int)
     return statistics.median(x[i] / y[i] for x, y in zip(a, b, strict=True))
 
 
+class Stepper:
+    """One model decoding greedily by hand: prefill once, then one cached forward per `step()`."""
+
+    def __init__(self, model, batch, use_cache: bool = True):
+        self.model, self.use_cache = model, use_cache
+        self.batch = dict(batch)
+        with torch.no_grad():
+            out = model(**self.batch, use_cache=use_cache)
+        self.cache = out.cache if use_cache else None
+        self.ids = torch.cat([self.batch["input_ids"], out.logits[:, -1:].argmax(-1)], dim=1)
+        self.mask = torch.cat([self.batch["attention_mask"], torch.ones_like(self.ids[:, -1:])], dim=1)
+
+    def step(self) -> tuple[float, float]:
+        """Time one decoding step (wall, CPU seconds); the bookkeeping after it is not timed."""
+        wall, cpu = time.perf_counter(), time.process_time()
+        with torch.no_grad():
+            if self.use_cache:
+                out = self.model(input_ids=self.ids[:, -1:], attention_mask=self.mask, cache=self.cache,
+                                 use_cache=True)
+            else:  # recompute everything, images included
+                out = self.model(input_ids=self.ids, attention_mask=self.mask,
+                                 pixel_values=self.batch["pixel_values"], use_cache=False)
+            token = out.logits[:, -1:].argmax(-1)
+        if token.is_cuda:
+            torch.cuda.synchronize()
+        times = time.perf_counter() - wall, time.process_time() - cpu
+        self.ids = torch.cat([self.ids, token], dim=1)
+        self.mask = torch.cat([self.mask, torch.ones_like(token)], dim=1)
+        return times
+
+
+def step_rates(models: dict, batch, steps: int, use_cache: bool = True) -> dict[str, list[tuple[float, float]]]:
+    """Per step, tokens/s per sequence (wall, CPU) of every model; steps alternate between the models."""
+    steppers = {name: Stepper(model, batch, use_cache) for name, model in models.items()}
+    for stepper in steppers.values():  # warm-up
+        stepper.step()
+    names = list(steppers)
+    rates: dict[str, list[tuple[float, float]]] = {name: [] for name in names}
+    for i in range(steps):
+        for name in names if i % 2 == 0 else names[::-1]:
+            wall, cpu = steppers[name].step()
+            rates[name].append((1 / wall, 1 / max(cpu, 1e-9)))
+    return rates
+
+
 def make_batch(processor, batch_size: int, device: str):
     paths = easy_vqa.get_test_image_paths()
     images = [Image.open(paths[i]).convert("RGB") for i in range(batch_size)]
@@ -117,6 +170,7 @@ def main() -> None:
     parser.add_argument("--uncached-tokens", type=int, default=0, help="new tokens of the slow no-cache run "
                         "(0: --new-tokens; a few suffice at width, where each step recomputes the whole prompt)")
     parser.add_argument("--uncached-repeats", type=int, default=1, help="the slow no-cache run")
+    parser.add_argument("--method", default="steps", choices=["steps", "generate"])
     parser.add_argument("--cache-impl", default=None, choices=[None, "dynamic", "static"],
                         help="generate's cache_implementation for both models (default: dynamic)")
     parser.add_argument("--compile", action="store_true", help="with --cache-impl static: compiled decode step")
@@ -142,19 +196,27 @@ def main() -> None:
           f"{args.intermediate}; {args.device}, {torch.get_num_threads()} threads, cache {args.cache_impl or 'dynamic'}"
           f"{', compiled decode step' if args.compile else ''}; "
           f"wings params {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M")
-    fast = decode_rates({"wings": Run(model, True, args.cache_impl, args.compile),
-                         "llava": Run(llava, True, args.cache_impl, args.compile)}, batch, n, args.repeats)
-    slow = decode_rates({"wings_no_cache": Run(model, False)}, batch, args.uncached_tokens or n,
-                        args.uncached_repeats)
+    if args.method == "steps" and args.cache_impl != "static":
+        print(f"method: {n} decoding steps per model, alternating Wings / LLaVA step by step")
+        fast = step_rates({"wings": model, "llava": llava}, batch, n)
+        slow = step_rates({"wings_no_cache": model}, batch, args.uncached_tokens or n, use_cache=False)
+    else:
+        print(f"method: whole generate() calls, {args.repeats} rounds")
+        fast = decode_rates({"wings": Run(model, True, args.cache_impl, args.compile),
+                             "llava": Run(llava, True, args.cache_impl, args.compile)}, batch, n, args.repeats)
+        slow = decode_rates({"wings_no_cache": Run(model, False)}, batch, args.uncached_tokens or n,
+                            args.uncached_repeats)
     wings, llava_s, uncached = fast["wings"], fast["llava"], slow["wings_no_cache"]
-    print("decode tok/s per sequence   wall    (per CPU-second)   [medians over rounds]")
+    print("decode tok/s per sequence   wall    (per CPU-second)   [medians]")
     print(f"wings, cache      : {median_of(wings, 0):8.2f}  ({median_of(wings, 1):8.2f})")
     print(f"wings, no cache   : {median_of(uncached, 0):8.2f}  ({median_of(uncached, 1):8.2f})   cache speed-up "
           f"{median_of(wings, 0) / median_of(uncached, 0):.1f}x ({median_of(wings, 1) / median_of(uncached, 1):.1f}x)"
           ", target >= 10x")
     print(f"HF llava, cache   : {median_of(llava_s, 0):8.2f}  ({median_of(llava_s, 1):8.2f})   wings / llava "
           f"{ratio_of(wings, llava_s, 0):.3f} ({ratio_of(wings, llava_s, 1):.3f}), target >= 0.9")
-    print("per-round wings/llava (wall):", " ".join(f"{x[0] / y[0]:.3f}" for x, y in zip(wings, llava_s, strict=True)))
+    pairs = sorted(x[0] / y[0] for x, y in zip(wings, llava_s, strict=True))
+    quart = [pairs[int(q * (len(pairs) - 1))] for q in (0.25, 0.5, 0.75)]
+    print(f"wings/llava (wall) over {len(pairs)} pairs: quartiles {quart[0]:.3f} / {quart[1]:.3f} / {quart[2]:.3f}")
 
 
 if __name__ == "__main__":

@@ -12,7 +12,8 @@ its own process instead, which also gives its peak memory (process RSS on CPU, C
     python benchmarks/bench_train_step.py --isolate --device cuda --precision bf16 --hidden 4096 --layers 4 \\
         --heads 32 --kv-heads 32 --intermediate 11008 --batch 8 --seq 2048
 
-Variants: llava, wings, wings+OPTION[+OPTION] (see step_setup.VARIANT_OPTIONS).
+Variants: llava, wings, wings+OPTION[+OPTION] (see step_setup.VARIANT_OPTIONS); a trailing "+compile" runs that
+variant under torch.compile (inductor), e.g. --variants llava,llava+compile,wings,wings+compile --warmup 3.
 """
 
 from __future__ import annotations
@@ -39,14 +40,15 @@ def make_step(args, variant: str):
     """(step function, model): one forward + backward + AdamW step of `variant` on its batch."""
     import torch
 
-    model, _, batch = build(args, variant)
+    compiled = args.compile or variant.endswith("+compile")
+    model, _, batch = build(args, variant.removesuffix("+compile"))
     if args.grad_ckpt:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
     device = torch.device(args.device)
     # Mixed precision as the Trainer does it: fp32 master weights, bf16 autocast for the forward.
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.precision == "bf16")
-    if args.compile:
+    if compiled:  # inductor; the first steps (warm-up) compile
         model = torch.compile(model)
 
     def step():
@@ -123,7 +125,7 @@ def spawn(argv: list[str], **overrides) -> dict:
 
 def analytic_ratio(args, variant: str) -> float:
     """Whole-model forward FLOP ratio of `variant` against llava for this shape (flops.model_flops)."""
-    if variant == "llava":
+    if variant.removesuffix("+compile") == "llava":
         return 1.0
     router = "separate" if ("+separate" in variant or "+eager" in variant) else "fused"
     head_dim = args.hidden // args.heads

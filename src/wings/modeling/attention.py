@@ -18,7 +18,15 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from . import compat
-from .learner import LoRRALearner, as_dtype, autocast_input, concatenated, learner_mask, plus_low_rank_pair
+from .learner import (
+    LoRRALearner,
+    additive_mask,
+    as_dtype,
+    autocast_input,
+    concatenated,
+    learner_mask,
+    plus_low_rank_pair,
+)
 from .router import RouterDispatchConfig, RouterProbe, WingsRouter, router_mask
 from .state import WingsState
 
@@ -98,8 +106,10 @@ def _make_probe(attn: nn.Module, state: WingsState) -> RouterProbe | None:
         return state.memo["probe_mask"]
 
     values = state.router_values(attn.wings_layer_idx, router)
+    if "padding_queries" not in state.memo:  # [B, T, 1]: the queries whose summary is zeroed
+        state.memo["padding_queries"] = None if state.query_valid is None else ~state.query_valid[..., None]
     return RouterProbe(values, mask_fn, state.router_impl, fused=state.kernels.fused_router,
-                       plain_causal=state.plain_causal, query_valid=state.query_valid)
+                       plain_causal=state.plain_causal, padding_queries=state.memo["padding_queries"])
 
 
 def learner_delta(attn: nn.Module, hidden: torch.Tensor, state: WingsState, query_rope, probe: RouterProbe | None):
@@ -160,16 +170,21 @@ def _learner_outputs(attn: nn.Module, learners: dict[str, LoRRALearner], hidden:
     running = [kind for kind in learners if keys[kind] is not None]
     outs: dict[str, torch.Tensor | None] = {kind: None for kind in learners}
     hidden = autocast_input(hidden)
-    if len(running) == 2 and state.kernels.fused_lowrank:  # both queries read h': one down-projection matmul
-        pair = plus_low_rank_pair(hidden, *(learners[k].q_proj for k in running), True, attn, "q_down")
-        queries = dict(zip(running, pair, strict=True))
+    if len(running) == 2 and state.kernels.fused_lowrank:
+        # Both queries read h' and share heads and positions: one down matmul, one batched up matmul (identity
+        # folded in), one RoPE over the stacked pair.
+        stacked = plus_low_rank_pair(hidden, *(learners[k].q_proj for k in running), True, attn, "q")
+        queries = dict(zip(running, learners[running[0]].queries(stacked, query_rope), strict=True))
     else:
-        queries = {kind: hidden + learners[kind].q_proj(hidden) for kind in running}
+        queries = {kind: learners[kind].queries(hidden + learners[kind].q_proj(hidden), query_rope)
+                   for kind in running}
     for kind in running:
-        learner = learners[kind]
         if state.compat_official is not None:
             mask = compat.learner_mask(kind, keys[kind], state.query_positions)
         else:  # every layer's keys of one kind share positions and validity: build the mask once per forward
-            mask = state.memo.get(kind) or state.memo.setdefault(kind, learner_mask(keys[kind], state.query_positions))
-        outs[kind] = learner.attend(learner.queries(queries[kind], query_rope), keys[kind], mask)
+            if kind not in state.memo:
+                safe, sees_any = learner_mask(keys[kind], state.query_positions)
+                state.memo[kind] = (additive_mask(safe, queries[kind].dtype), sees_any)
+            mask = state.memo[kind]
+        outs[kind] = learners[kind].attend(queries[kind], keys[kind], mask)
     return outs

@@ -40,29 +40,41 @@ class LowRankLinear(nn.Module):
         return self.up(self.down(x))
 
 
-def concatenated(owner: nn.Module, name: str, weights: list[torch.Tensor], dim: int = 0) -> torch.Tensor:
-    """`torch.cat(weights, dim)`, kept on `owner` between forwards when no gradient can flow (inference), so that
-    a decoding step neither copies the weights nor pays the call; rebuilt when any of them changes (in-place
-    updates bump `_version`, replaced tensors change `data_ptr`)."""
-    if torch.compiler.is_compiling() or (torch.is_grad_enabled() and any(w.requires_grad for w in weights)):
-        return torch.cat(weights, dim)
-    key = (dim, *((w.data_ptr(), w._version) for w in weights))  # a new device or dtype is a new data_ptr
+def kept(owner: nn.Module | None, name: str, weights: list[torch.Tensor], build) -> torch.Tensor:
+    """`build(weights)` (a concatenation of weights), kept on `owner` between forwards when no gradient can flow
+    (inference), so that a decoding step neither copies the weights nor pays the calls; rebuilt when any of them
+    changes (in-place updates bump `_version`; a new tensor, device or dtype is a new `data_ptr`)."""
+    if owner is None or torch.compiler.is_compiling() or (
+            torch.is_grad_enabled() and any(w.requires_grad for w in weights)):
+        return build(weights)
+    key = tuple((w.data_ptr(), w._version) for w in weights)
     store = owner.__dict__.setdefault("_wings_concatenated", {})
     if name not in store or store[name][0] != key:
-        store[name] = (key, torch.cat(weights, dim))
+        store[name] = (key, build(weights))
     return store[name][1]
 
 
+def concatenated(owner: nn.Module | None, name: str, weights: list[torch.Tensor], dim: int = 0) -> torch.Tensor:
+    return kept(owner, name, weights, lambda w: torch.cat(w, dim))
+
+
 def plus_low_rank_pair(x: torch.Tensor, first: LowRankLinear, second: LowRankLinear, fused: bool,
-                       owner: nn.Module | None = None, name: str = "") -> tuple[torch.Tensor, torch.Tensor]:
-    """(x + first(x), x + second(x)); `fused` runs both down-projections as one matmul (they read the same x).
-    `owner`/`name`: where the concatenated down weights may be kept between inference forwards."""
+                       owner: nn.Module | None = None, name: str = "") -> torch.Tensor | tuple[torch.Tensor, ...]:
+    """(x + first(x), x + second(x)), two low-rank maps of the same input.
+
+    Fused: a [2, *x.shape] tensor from ONE down-projection matmul (both downs stacked, [2r, d]) and ONE batched
+    up-projection with the identity term folded in (`baddbmm`); reference: a tuple of two separate computations.
+    `owner`/`name`: where the stacked weights may be kept between inference forwards."""
     if not fused:
         return x + first(x), x + second(x)
-    rank = first.down.out_features
-    weights = [first.down.weight, second.down.weight]
-    both = F.linear(x, concatenated(owner, name, weights) if owner is not None else torch.cat(weights))  # [..., 2r]
-    return x + first.up(both[..., :rank]), x + second.up(both[..., rank:])
+    d, rank = x.shape[-1], first.down.out_features
+    down = kept(owner, f"{name}/down", [first.down.weight, second.down.weight], torch.cat)  # [2r, d]
+    up = kept(owner, f"{name}/up", [first.up.weight, second.up.weight],
+              lambda w: torch.stack([w[0].t(), w[1].t()]))  # [2, r, d]
+    flat = x.reshape(-1, d)
+    low = F.linear(flat, down).view(-1, 2, rank).transpose(0, 1)  # [2, N, r]
+    both = torch.baddbmm(flat.unsqueeze(0).expand(2, -1, -1), low, up.to(low.dtype))  # [2, N, d]
+    return both.view(2, *x.shape)
 
 
 class LearnerKeys:
@@ -98,7 +110,7 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x: [B, H, N, hd]; cos/sin: [B, N, hd] from the LLM's rotary embedding at the tokens' true positions."""
+    """x: [..., B, H, N, hd]; cos/sin: [B, N, hd] from the LLM's rotary embedding at the tokens' true positions."""
     cos, sin = as_dtype(cos.unsqueeze(1), x.dtype), as_dtype(sin.unsqueeze(1), x.dtype)
     return torch.addcmul(x * cos, rotate_half(x), sin)
 
@@ -128,6 +140,11 @@ def open_empty_rows(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return (mask | ~sees_any)[:, None], sees_any
 
 
+def additive_mask(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """bool (True = visible) -> 0 / -inf in `dtype`, what SDPA turns a bool mask into at every call."""
+    return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(~mask, float("-inf"))
+
+
 def learner_mask(keys: LearnerKeys, query_positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Causal on true positions: a query at p sees valid keys at positions <= p."""
     return open_empty_rows(keys.valid[:, None, :] & (keys.positions[:, None, :] <= query_positions[:, :, None]))
@@ -150,18 +167,19 @@ class LoRRALearner(nn.Module):
         self.o_proj = LowRankLinear(hidden_size, hidden_size, rank)
 
     def _heads(self, x: torch.Tensor) -> torch.Tensor:
-        B, N, _ = x.shape
-        return x.view(B, N, self.num_heads, self.head_dim).transpose(1, 2)  # [B, H, N, hd]
+        """[..., N, d] -> [..., H, N, hd] (a view)."""
+        return x.view(*x.shape[:-1], self.num_heads, self.head_dim).transpose(-3, -2)
 
     def project_keys(self, feats: torch.Tensor, positions: torch.Tensor, valid: torch.Tensor, cos: torch.Tensor,
                      sin: torch.Tensor, fused_lowrank: bool = False) -> LearnerKeys:
         """feats: [B, N, d] learner features at true `positions` [B, N] -> keys/values with RoPE applied.
         Under autocast, `feats` arrive already cast (`state.token_set`)."""
-        key, value = plus_low_rank_pair(feats, self.k_proj, self.v_proj, fused_lowrank, self, "kv_down")
+        key, value = plus_low_rank_pair(feats, self.k_proj, self.v_proj, fused_lowrank, self, "kv")
         return LearnerKeys(apply_rope(self._heads(key), cos, sin), self._heads(value), positions, valid)
 
     def queries(self, query: torch.Tensor, query_rope: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
-        """query = h' + B_q A_q h' [B, T, d] -> [B, H, T, hd] with RoPE."""
+        """query = h' + B_q A_q h' [..., B, T, d] -> [..., B, H, T, hd] with RoPE (both learners' queries at once
+        when stacked: the learners share head layout and positions)."""
         return apply_rope(self._heads(query), *query_rope)
 
     def attend(self, query: torch.Tensor, keys: LearnerKeys,
@@ -170,6 +188,8 @@ class LoRRALearner(nn.Module):
         (`o_proj.up`), 0 where no key is visible."""
         B, _, T, _ = query.shape
         safe_mask, sees_any = mask if isinstance(mask, tuple) else open_empty_rows(mask)
+        if safe_mask.dtype == torch.bool:  # an additive mask in the query's dtype spares SDPA the conversion
+            safe_mask = additive_mask(safe_mask, query.dtype)
         attn = F.scaled_dot_product_attention(query, as_dtype(keys.key, query.dtype),
                                               as_dtype(keys.value, query.dtype), attn_mask=safe_mask)  # [B, H, T, hd]
         # Zero the rows that see nothing after the (linear, bias-free) down-projection: it then reads the attention

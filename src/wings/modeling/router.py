@@ -89,9 +89,9 @@ class RouterProbe:
     """Carries the router's per-key values into the attention function and its summary back out."""
 
     def __init__(self, values: torch.Tensor, mask_fn, impl: str, fused: bool = True, plain_causal=lambda: False,
-                 query_valid: torch.Tensor | None = None):
+                 padding_queries: torch.Tensor | None = None):
         self.values = values  # [B, S, C]
-        self.query_valid = query_valid  # [B, T] bool: padding queries get a zero summary on every path
+        self.padding_queries = padding_queries  # [B, T, 1] bool: they get a zero summary on every path
         self.mask_fn = mask_fn  # () -> [B, 1, T, S] router mask; only the reference paths build it
         self.impl = impl
         self.fused = fused
@@ -101,8 +101,8 @@ class RouterProbe:
     def attend(self, base_impl: str, base_fn, module, query, key, value, attention_mask, scaling, dropout, **kwargs):
         """The layer's attention (as `base_fn` computes it) plus the router summary; returns base_fn's output."""
         out = self._attend(base_impl, base_fn, module, query, key, value, attention_mask, scaling, dropout, **kwargs)
-        if self.query_valid is not None:  # what a padding query "sees" depends on the kernel's mask conventions
-            self.summary = self.summary * self.query_valid[..., None].to(self.summary.dtype)
+        if self.padding_queries is not None:  # what a padding query "sees" depends on the kernel's mask conventions
+            self.summary = self.summary.masked_fill(self.padding_queries, 0.0)
         return out
 
     def _attend(self, base_impl: str, base_fn, module, query, key, value, attention_mask, scaling, dropout, **kwargs):
