@@ -13,7 +13,6 @@ from __future__ import annotations
 import torch
 from transformers import DynamicCache, StaticCache
 
-from ..modeling.learner import LearnerKeys
 from ..modeling.state import LearnerCache
 from ..modeling.static_state import StaticLearnerCache
 
@@ -88,16 +87,7 @@ def crop_learner_cache(learner: LearnerCache, new_length: int) -> None:
     removed = positions[:, new_length:].masked_fill(~valid[:, new_length:], torch.iinfo(positions.dtype).max)
     first_removed = removed.min(dim=1).values  # [B]: every key at or after this true position goes
     learner.truncate(new_length)
-    learner.keys = {name: _drop_keys_from(keys, first_removed) for name, keys in learner.keys.items()}
-
-
-def _drop_keys_from(keys: LearnerKeys, first_removed: torch.Tensor) -> LearnerKeys:
-    keep = keys.valid & (keys.positions < first_removed[:, None])
-    # Removed tokens are the newest, so their keys sit after every kept key of the row: trim the columns past
-    # the last kept key, and mask whatever removed keys remain in rows that keep more.
-    column = torch.arange(keep.shape[1], device=keep.device)
-    n = int(torch.where(keep, column, -1).max()) + 1 if keep.numel() else 0
-    return LearnerKeys(keys.key[:, :, :n], keys.value[:, :, :n], keys.positions[:, :n], keep[:, :n])
+    learner.drop_keys_from(first_removed)
 
 
 def upgrade_cache(cache) -> None:

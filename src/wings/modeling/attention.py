@@ -24,6 +24,7 @@ from .learner import (
     as_dtype,
     autocast_input,
     concatenated,
+    head_broadcast,
     learner_mask,
     plus_low_rank_pair,
 )
@@ -80,7 +81,9 @@ def _before_attention(attn: nn.Module, args: tuple, kwargs: dict):
     probe = _make_probe(attn, state)
     if probe is not None:
         kwargs["wings_router_probe"] = probe
-    attn._wings_call = (state, residual, probe, kwargs["position_embeddings"])
+    if "query_rope" not in state.memo:  # the LLM's RoPE tables of this forward, shaped for the heads once
+        state.memo["query_rope"] = head_broadcast(*kwargs["position_embeddings"])
+    attn._wings_call = (state, residual, probe, state.memo["query_rope"])
     return args, kwargs
 
 

@@ -11,12 +11,12 @@ the LLM's own rotary embedding at those positions. A query that sees no key gets
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 from transformers import initialization as hf_init
-
-from .buffers import ColumnBuffer
 
 
 class LowRankLinear(nn.Module):
@@ -77,28 +77,15 @@ def plus_low_rank_pair(x: torch.Tensor, first: LowRankLinear, second: LowRankLin
     return both.view(2, *x.shape)
 
 
+@dataclass
 class LearnerKeys:
-    """Keys/values of one learner in one layer, after projection and RoPE, ready for attention.
+    """Keys/values of one learner in one layer, after projection and RoPE, ready for attention (a view: a cache
+    keeps the storage, see state.LearnerCache)."""
 
-    `key`/`value` [B, H, N, hd], `positions` [B, N] (true sequence positions), `valid` [B, N] (False for padding
-    slots). A cache appends new tokens' keys in place (`extend`), with spare capacity, instead of re-concatenating
-    the whole set at every decoding step.
-    """
-
-    def __init__(self, key: torch.Tensor, value: torch.Tensor, positions: torch.Tensor, valid: torch.Tensor):
-        self._columns = (ColumnBuffer(key, 2), ColumnBuffer(value, 2), ColumnBuffer(positions, 1),
-                         ColumnBuffer(valid, 1))
-
-    key = property(lambda self: self._columns[0].view)
-    value = property(lambda self: self._columns[1].view)
-    positions = property(lambda self: self._columns[2].view)
-    valid = property(lambda self: self._columns[3].view)
-
-    def extend(self, other: LearnerKeys) -> LearnerKeys:
-        """Append `other`'s keys after ours (the KV cache's new tokens); returns self."""
-        for mine, theirs in zip(self._columns, (other.key, other.value, other.positions, other.valid), strict=True):
-            mine.append(theirs)
-        return self
+    key: torch.Tensor  # [B, H, N, hd]
+    value: torch.Tensor  # [B, H, N, hd]
+    positions: torch.Tensor  # [B, N] true sequence positions
+    valid: torch.Tensor  # [B, N] bool; False for padding slots
 
     def select_batch(self, index: torch.Tensor) -> LearnerKeys:
         return LearnerKeys(self.key[index], self.value[index], self.positions[index], self.valid[index])
@@ -110,9 +97,17 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x: [..., B, H, N, hd]; cos/sin: [B, N, hd] from the LLM's rotary embedding at the tokens' true positions."""
-    cos, sin = as_dtype(cos.unsqueeze(1), x.dtype), as_dtype(sin.unsqueeze(1), x.dtype)
+    """x: [..., B, H, N, hd]; cos/sin: [B, N, hd] from the LLM's rotary embedding at the tokens' true positions,
+    or already [B, 1, N, hd] (`head_broadcast`)."""
+    if cos.dim() == 3:
+        cos, sin = head_broadcast(cos, sin)
+    cos, sin = as_dtype(cos, x.dtype), as_dtype(sin, x.dtype)
     return torch.addcmul(x * cos, rotate_half(x), sin)
+
+
+def head_broadcast(cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """RoPE tables [B, N, hd] -> [B, 1, N, hd], ready to broadcast over heads (done once per forward)."""
+    return cos.unsqueeze(1), sin.unsqueeze(1)
 
 
 def as_dtype(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

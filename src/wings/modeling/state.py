@@ -15,7 +15,7 @@ import torch
 
 from .buffers import ColumnBuffer
 from .kernels import WingsKernels
-from .learner import LearnerKeys, autocast_input
+from .learner import LearnerKeys, autocast_input, head_broadcast
 from .router import SEG_IMAGE, SEG_PAD, SEG_TEXT_AFTER, SEG_TEXT_BEFORE, check_router_width, segment_values
 
 METADATA = ("key_positions", "key_segments", "key_valid")
@@ -28,23 +28,63 @@ class TokenSet:
     feats: torch.Tensor  # [B, N, d]
     positions: torch.Tensor  # [B, N]
     valid: torch.Tensor  # [B, N]
-    cos: torch.Tensor  # [B, N, hd]
-    sin: torch.Tensor  # [B, N, hd]
+    cos: torch.Tensor  # [B, 1, N, hd] (broadcast over heads)
+    sin: torch.Tensor  # [B, 1, N, hd]
 
 
 class LearnerCache:
     """Everything the learners and router need from earlier forwards of the same generation.
 
-    `keys[(layer, kind)]`: the learners' projected keys; `key_positions`, `key_segments`, `key_valid` [B, S]:
-    per-key metadata of the main attention's keys (one column per KV-cache column); `router_values[layer]`
-    [B, S, C]: the router's per-key values (one shared entry, "segment", for segment routers); `seen_image` [B].
-    Columns grow in place with spare capacity (`ColumnBuffer`).
+    `kv[(layer, kind)]`: the learners' projected keys and values; `key_meta[kind]`: their true positions and
+    validity (the same for every layer); `key_positions`, `key_segments`, `key_valid` [B, S]: per-key metadata of
+    the main attention's keys (one column per KV-cache column); router values [B, S, C] per layer (one shared
+    entry, "segment", for segment routers); `seen_image` [B]. Columns grow in place with spare capacity
+    (`ColumnBuffer`).
     """
 
     def __init__(self):
-        self.keys: dict[tuple[int, str], LearnerKeys] = {}
+        self.kv: dict[tuple[int, str], tuple[ColumnBuffer, ColumnBuffer]] = {}
+        self.key_meta: dict[str, tuple[ColumnBuffer, ColumnBuffer]] = {}
         self.columns: dict[str, ColumnBuffer] = {}  # the metadata, then "values/<layer>" router values
         self.seen_image: torch.Tensor | None = None
+
+    @property
+    def keys(self) -> dict[tuple[int, str], LearnerKeys]:
+        """Every cached layer's learner keys (views)."""
+        return {(layer, kind): self._keys(layer, kind) for layer, kind in self.kv}
+
+    def _keys(self, layer: int, kind: str) -> LearnerKeys:
+        (key, value), (positions, valid) = self.kv[(layer, kind)], self.key_meta[kind]
+        return LearnerKeys(key.view, value.view, positions.view, valid.view)
+
+    def learner_keys(self, layer: int, kind: str, new: LearnerKeys | None, memo: dict) -> LearnerKeys | None:
+        """Append this forward's projected keys (if any) to the layer's cached ones; return them all."""
+        if new is not None:
+            if f"meta/{kind}" not in memo:  # positions and validity: once per forward, shared by the layers
+                memo[f"meta/{kind}"] = True
+                if kind in self.key_meta:
+                    for buffer, part in zip(self.key_meta[kind], (new.positions, new.valid), strict=True):
+                        buffer.append(part)
+                else:
+                    self.key_meta[kind] = (ColumnBuffer(new.positions, 1), ColumnBuffer(new.valid, 1))
+            if (layer, kind) in self.kv:
+                for buffer, part in zip(self.kv[(layer, kind)], (new.key, new.value), strict=True):
+                    buffer.append(part)
+            else:
+                self.kv[(layer, kind)] = (ColumnBuffer(new.key, 2), ColumnBuffer(new.value, 2))
+        return self._keys(layer, kind) if (layer, kind) in self.kv else None
+
+    def drop_keys_from(self, first_removed: torch.Tensor) -> None:
+        """Forget the learner keys at true positions >= first_removed [B] (cropping rejected draft tokens)."""
+        for kind, (positions, valid) in self.key_meta.items():
+            keep = valid.view & (positions.view < first_removed[:, None])
+            # Removed tokens are the newest, so their keys sit after every kept key of the row: trim the columns
+            # past the last kept key, and mask whatever removed keys remain in rows that keep more.
+            column = torch.arange(keep.shape[1], device=keep.device)
+            n = int(torch.where(keep, column, -1).max()) + 1 if keep.numel() else 0
+            for buffer in (positions, valid, *(b for (_, k), pair in self.kv.items() if k == kind for b in pair)):
+                buffer.truncate(n)
+            valid.view.copy_(keep[:, :n])
 
     def _view(self, name: str) -> torch.Tensor | None:
         buffer = self.columns.get(name)
@@ -78,7 +118,9 @@ class LearnerCache:
 
     def select_batch(self, index: torch.Tensor) -> None:
         """Keep/reorder samples (beam search, batch shrinking)."""
-        self.keys = {k: v.select_batch(index) for k, v in self.keys.items()}
+        for pair in (*self.kv.values(), *self.key_meta.values()):
+            for buffer in pair:
+                buffer.select_batch(index)
         for buffer in self.columns.values():
             buffer.select_batch(index)
         if self.seen_image is not None:
@@ -135,11 +177,7 @@ class WingsState:
                                        fused_lowrank=self.kernels.fused_lowrank)
         if self.cache is None:
             return new
-        old = self.cache.keys.get((layer_idx, kind))
-        keys = new if old is None else (old if new is None else old.extend(new))
-        if keys is not None:
-            self.cache.keys[(layer_idx, kind)] = keys
-        return keys
+        return self.cache.learner_keys(layer_idx, kind, new, self.memo)
 
     def router_values(self, layer_idx: int, router) -> torch.Tensor:
         """[B, S, C] the router's per-key values for every key of the main attention (cache included)."""
@@ -181,7 +219,7 @@ def token_set(x: torch.Tensor, keep: torch.Tensor, positions: torch.Tensor, rota
         feats, pos, ok = x, positions, keep
     else:
         feats, pos, ok = gather_tokens(x, keep, positions, n)
-    cos, sin = rotary_emb(feats, pos)
+    cos, sin = head_broadcast(*rotary_emb(feats, pos))
     return TokenSet(autocast_input(feats), pos, ok, cos, sin)
 
 

@@ -19,7 +19,7 @@ from __future__ import annotations
 import torch
 
 from .kernels import WingsKernels
-from .learner import LearnerKeys, autocast_input
+from .learner import LearnerKeys, autocast_input, head_broadcast
 from .router import SEG_IMAGE, SEG_TEXT_AFTER, SEG_TEXT_BEFORE, check_router_width
 
 KIND_SEGMENTS = {"visual": (SEG_IMAGE,), "textual": (SEG_TEXT_BEFORE, SEG_TEXT_AFTER)}
@@ -78,7 +78,7 @@ class StaticLearnerCache:
         self.valid.index_copy_(1, columns, valid)
         self.seen_image.logical_or_(is_image.any(dim=1))
         self.length.add_(T)
-        cos, sin = rotary_emb(inputs_embeds, position_ids)
+        cos, sin = head_broadcast(*rotary_emb(inputs_embeds, position_ids))
         feats = autocast_input(inputs_embeds)
         tokens = {kind: TokenSet(feats, position_ids, valid & _in_segments(segments, kind), cos, sin)
                   for kind in KIND_SEGMENTS}
