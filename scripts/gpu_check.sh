@@ -15,13 +15,13 @@ export HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
 PY=${PYTHON:-python3}
 if [ "${1:-}" = "--dry-run" ] || ! $PY -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)"; then
     echo "no CUDA device (or --dry-run): running every step at a tiny size on the CPU"
-    DEV="--device cpu"; PREC=fp32
+    DEV="--device cpu --threads 1"; PREC=fp32; REPEATS=2
     WIDTH="--hidden 256 --layers 2 --heads 4 --kv-heads 4 --intermediate 512"
     TRAIN_SHAPE="--batch 1 --seq 160 --image-size 64 --patch-size 8"
     DECODE="--image-size 64 --patch-size 8 --new-tokens 8 --uncached-tokens 2 --repeats 1"
     LIMIT=600
 else
-    DEV="--device cuda"; PREC=bf16
+    DEV="--device cuda"; PREC=bf16; REPEATS=5
     WIDTH="--hidden 4096 --layers 4 --heads 32 --kv-heads 32 --intermediate 11008"
     TRAIN_SHAPE="--batch 8 --seq 2048 --image-size 384 --patch-size 16"
     DECODE="--image-size 384 --patch-size 16 --new-tokens 128 --uncached-tokens 8 --repeats 3"
@@ -36,9 +36,9 @@ step() {  # step TITLE COMMAND...: run with a time limit, keep going on failure
 }
 step "CUDA tests" $PY -m pytest -q -p no:cacheprovider -rA tests/test_cuda.py
 step "training step, time (variants interleaved)" $PY benchmarks/bench_train_step.py $DEV --precision $PREC $WIDTH \
-    $TRAIN_SHAPE --rank 64 --repeats 5 --variants llava,wings,wings+separate,wings+unfused,wings+recompute
+    $TRAIN_SHAPE --rank 64 --repeats $REPEATS --variants llava,wings,wings+separate,wings+unfused,wings+recompute
 step "training step, memory (one process per variant)" $PY benchmarks/bench_train_step.py --isolate $DEV \
-    --precision $PREC $WIDTH $TRAIN_SHAPE --rank 64 --repeats 3 --variants llava,wings,wings+recompute
+    --precision $PREC $WIDTH $TRAIN_SHAPE --rank 64 --repeats $REPEATS --variants llava,wings,wings+recompute
 step "decode, batch 1" $PY benchmarks/bench_generate.py $DEV $WIDTH $DECODE --batch 1
 step "decode, batch 8" $PY benchmarks/bench_generate.py $DEV $WIDTH $DECODE --batch 8
 exit $status

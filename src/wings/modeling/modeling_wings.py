@@ -144,7 +144,7 @@ class WingsForConditionalGeneration(WingsPreTrainedModel, GenerationMixin):
     ) -> CausalLMOutputWithPast:
         """`wings_record`: a dict that receives {layer: router weights [B, T, 2]} of this forward.
         `wings_token_mask` [B, T]: which of this forward's tokens are real, when `attention_mask` is a prepared
-        4D mask (generate with a static cache passes both)."""
+        4D mask (generate with a static cache passes both; without it, all are)."""
         if input_ids is None:
             raise ValueError("WingsForConditionalGeneration needs input_ids (image placeholders are found by id)")
         B, T = input_ids.shape
@@ -154,10 +154,8 @@ class WingsForConditionalGeneration(WingsPreTrainedModel, GenerationMixin):
             past = cache.get_seq_length() if cache is not None else 0
             attention_mask = torch.ones(B, past + T, dtype=torch.long, device=input_ids.device)
         mask_2d = attention_mask if torch.is_tensor(attention_mask) and attention_mask.ndim == 2 else None
-        if wings_token_mask is None:
-            if mask_2d is None:
-                raise ValueError("with a prepared (4D) attention mask, pass `wings_token_mask` [batch, tokens]")
-            wings_token_mask = mask_2d[:, -T:]
+        if wings_token_mask is None:  # a prepared (4D) mask without it: every token of this forward is real
+            wings_token_mask = mask_2d[:, -T:] if mask_2d is not None else torch.ones_like(input_ids)
         if position_ids is None:  # true positions: count real tokens, so left padding does not shift them
             if mask_2d is None:
                 raise ValueError("with a prepared (4D) attention mask, pass `position_ids`")
@@ -231,13 +229,17 @@ class WingsForConditionalGeneration(WingsPreTrainedModel, GenerationMixin):
             input_ids, cache=cache, is_first_iteration=is_first_iteration, **kwargs
         )
         prepared = inputs.get("attention_mask")
-        if torch.is_tensor(mask_2d) and mask_2d.ndim == 2 and not (torch.is_tensor(prepared) and prepared.ndim == 2):
+        if prepared is not None and not (torch.is_tensor(prepared) and prepared.ndim == 2):
             # A compilable (static) cache got a prepared 4D mask: hand over what the 2D one told (real tokens and
-            # their true positions), sliced to this step so the compiled step sees fixed shapes.
-            T = inputs["input_ids"].shape[1]
-            if inputs.get("position_ids") is None:
-                inputs["position_ids"] = (mask_2d.long().cumsum(-1) - 1).clamp(min=0)[:, -T:]
-            inputs["wings_token_mask"] = mask_2d[:, -T:]
+            # their true positions), sliced to this step so the compiled step sees fixed shapes. generate drops
+            # an all-ones 2D mask: then every token is real.
+            ids = inputs["input_ids"]
+            if torch.is_tensor(mask_2d) and mask_2d.ndim == 2:
+                if inputs.get("position_ids") is None:
+                    inputs["position_ids"] = (mask_2d.long().cumsum(-1) - 1).clamp(min=0)[:, -ids.shape[1]:]
+                inputs["wings_token_mask"] = mask_2d[:, -ids.shape[1]:]
+            else:
+                inputs["wings_token_mask"] = torch.ones_like(ids)
         # Images enter once, with the prompt; later steps read them from the (learner) cache.
         if is_first_iteration or not kwargs.get("use_cache", True):
             inputs["pixel_values"] = pixel_values
