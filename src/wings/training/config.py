@@ -141,6 +141,7 @@ class OptimConfig:
         report_to: HF integrations ("tensorboard", "wandb") or [] for none.
         resume: None (fresh), "auto" (latest complete checkpoint in output_dir, if any) or a checkpoint path.
         deepspeed: a DeepSpeed JSON (configs/deepspeed/zero2.json, zero3.json).
+        fsdp: an HF `fsdp_config` JSON (configs/accelerate/fsdp.json, fsdp_sharded.json): FSDP instead of DDP.
         use_cpu: train on CPU even when a GPU is present.  ddp_backend: None (auto), "gloo" or "nccl".
         extra_args: anything else, passed to `TrainingArguments` verbatim.
     """
@@ -163,6 +164,7 @@ class OptimConfig:
     report_to: list[str] = field(default_factory=lambda: ["tensorboard"])
     resume: str | None = None
     deepspeed: str | None = None
+    fsdp: str | None = None
     use_cpu: bool = False
     ddp_backend: str | None = None
     extra_args: dict[str, Any] = field(default_factory=dict)
@@ -181,6 +183,15 @@ class OptimConfig:
             raise ValueError("set train.max_steps > 0 or train.epochs > 0")
         if self.deepspeed and not Path(self.deepspeed).is_file():
             raise FileNotFoundError(f"train.deepspeed: {self.deepspeed} does not exist")
+        self._check_fsdp()
+
+    def _check_fsdp(self) -> None:
+        if not self.fsdp:
+            return
+        if not Path(self.fsdp).is_file():
+            raise FileNotFoundError(f"train.fsdp: {self.fsdp} does not exist")
+        if self.deepspeed:
+            raise ValueError("train.fsdp and train.deepspeed are two engines: set one of them")
 
 
 @dataclass

@@ -19,6 +19,7 @@ import torch
 from transformers import AutoProcessor, TrainingArguments, set_seed
 
 from .config import TrainConfig, dump_config
+from .engines import check_engine, engine_arguments
 from .stages import merge_lora, prepare_model, stage_learning_rates
 from .trainer import LossRecorder, WingsTrainer, checkpoints, latest_complete_checkpoint, save_final_atomic
 
@@ -83,6 +84,7 @@ def training_arguments(config: TrainConfig) -> TrainingArguments:
         dataloader_num_workers=config.data.num_workers,
         remove_unused_columns=False,  # the collator emits exactly the model's inputs
     )
+    kwargs.update(engine_arguments(config))
     kwargs.update(config.train.extra_args)
     return TrainingArguments(**kwargs)
 
@@ -140,13 +142,14 @@ def train(config: TrainConfig, train_dataset=None, data_collator=None, callbacks
         processing_class=processor, callbacks=[recorder, *(callbacks or [])], group_lrs=lrs, group_weight_decays=wds,
         group_by_modality=config.data.group_by_modality,
     )
-    zero3 = trainer.is_deepspeed_enabled and trainer.accelerator.state.deepspeed_plugin.zero_stage == 3
-    if config.lora.enabled and zero3:
+    engine = check_engine(config, trainer, train_dataset)
+    if config.lora.enabled and engine == "deepspeed-zero3":
         raise ValueError("lora.enabled with DeepSpeed ZeRO-3 is not supported (the adapters are merged into "
                          "partitioned weights before the final save); use configs/deepspeed/zero2.json")
     if is_main_process():
         summary = ", ".join(f"{g} {n / 1e6:.3f}M @ lr {lrs[g]:g}" for g, n in sorted(trainable.items()))
-        print(f"[wings train] stage {config.stage}: training {summary}", flush=True)
+        print(f"[wings train] stage {config.stage} ({engine}, {trainer.args.world_size} process(es)): "
+              f"training {summary}", flush=True)
     resume = resolve_resume(config)
     output = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
     if config.lora.enabled:

@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 from transformers import Trainer, TrainerCallback
 
+from .engines import prepare_final_save
 from .param_groups import optimizer_param_groups
 
 CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
@@ -87,6 +88,13 @@ class WingsTrainer(Trainer):
                     result = result + anchor
         return result
 
+    def _save_rng_state(self, output_dir: str) -> None:
+        super()._save_rng_state(output_dir)
+        # Each rank writes its own part of a checkpoint (its RNG state; ZeRO / FSDP shards) and rank 0 then writes
+        # trainer_state.json, the file that marks the checkpoint complete. Wait for every rank first: a rank that
+        # dies mid-save then leaves a checkpoint without trainer_state.json, which resume skips.
+        self.accelerator.wait_for_everyone()
+
     def _image_path_anchor(self, model) -> torch.Tensor | None:
         if self.is_deepspeed_enabled and self.accelerator.state.deepspeed_plugin.zero_stage == 3:
             return None  # ZeRO-3 partitions parameters outside forward; its own reducer tolerates missing grads
@@ -121,7 +129,15 @@ def is_complete_checkpoint(path: Path) -> bool:
         json.loads(state.read_text())
     except (OSError, json.JSONDecodeError):
         return False
-    return any(path.glob("*.safetensors")) or any(path.glob("*.bin")) or any(path.glob("global_step*"))
+    return (any(path.glob("*.safetensors")) or any(path.glob("*.bin")) or any(path.glob("global_step*"))
+            or fsdp_shards_complete(path))
+
+
+def fsdp_shards_complete(path: Path) -> bool:
+    """An FSDP SHARDED_STATE_DICT checkpoint keeps its weights in `pytorch_model_fsdp_N/` (torch.distributed
+    .checkpoint); its `.metadata` is written once every rank has written its shard."""
+    shards = list(path.glob("pytorch_model_fsdp_*"))
+    return bool(shards) and all((d / ".metadata").is_file() for d in shards)
 
 
 def checkpoints(output_dir: str | Path) -> list[Path]:
@@ -149,6 +165,7 @@ def save_final_atomic(trainer: Trainer, processor, final_dir: str | Path) -> Pat
     if trainer.args.should_save and tmp.exists():
         shutil.rmtree(tmp)
     trainer.accelerator.wait_for_everyone()
+    prepare_final_save(trainer)
     trainer.save_model(str(tmp))
     if trainer.args.should_save:
         if processor is not None:
