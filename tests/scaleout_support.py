@@ -62,6 +62,22 @@ def train_args(model_dir: Path, data: Path, out: Path, batch_size: int = 1, *ext
             "--batch-size", str(batch_size), *COMMON, *extra]
 
 
+_SINGLE: dict[str, dict] = {}
+
+
+def single_reference(model_dir: Path, root: Path) -> dict:
+    """The reference every engine is compared with: one process, batch 2 (= 2 ranks x 1), same seed and data.
+    Run once per session (in this process) and shared by the test modules."""
+    if str(model_dir) not in _SINGLE:
+        from wings.cli import main as wings_main
+
+        out = root / "single"
+        assert wings_main(train_args(model_dir, write_alternating(root / "data.json"), out, 2)) == 0
+        _SINGLE[str(model_dir)] = {"losses": logged_losses(out / f"checkpoint-{STEPS}"),
+                                   "final": weights(out / "final")}
+    return _SINGLE[str(model_dir)]
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

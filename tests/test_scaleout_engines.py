@@ -30,12 +30,12 @@ from scaleout_support import (
     logged_losses,
     max_abs_diff,
     run_job,
+    single_reference,
     torchrun,
     train_args,
     weights,
     write_alternating,
 )
-from wings.cli import main as wings_main
 from wings.training import classify
 from wings.training.trainer import is_complete_checkpoint
 
@@ -60,11 +60,8 @@ def data(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def single(tiny_model_dir, data, tmp_path_factory):
-    """The reference: one process, batch 2 (= 2 ranks x 1)."""
-    out = tmp_path_factory.mktemp("single") / "run"
-    assert wings_main(train_args(tiny_model_dir, data, out, 2)) == 0
-    return {"losses": logged_losses(out / f"checkpoint-{STEPS}"), "final": weights(out / "final")}
+def single(tiny_model_dir, tmp_path_factory):
+    return single_reference(tiny_model_dir, tmp_path_factory.mktemp("single"))
 
 
 def launch(engine: str, tiny_model_dir: Path, data: Path, out: Path, tmp_path: Path, *extra: str) -> str:
