@@ -15,6 +15,10 @@ $(STAMP): pyproject.toml
 	# torch first, alone: pip then takes the local CPU build of 2.13.0 and never a CUDA wheel.
 	$(BIN)/pip install -q torch==2.13.0
 	$(BIN)/pip install -q -e ".[dev,tensorboard,eval]"
+	# DeepSpeed (the [deepspeed] extra) is an sdist: build it against the torch above (no build isolation, which
+	# could fetch another torch), without its C++ ops; then JIT-build once the CPU comm op it loads at start (g++).
+	DS_BUILD_OPS=0 $(BIN)/pip install -q --no-build-isolation -e ".[deepspeed]"
+	DS_ACCELERATOR=cpu $(BIN)/python -c "from deepspeed.ops.op_builder.cpu import ShareMemCommBuilder as B; B().load()"
 	touch $(STAMP)
 
 setup: $(STAMP)

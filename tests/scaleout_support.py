@@ -2,8 +2,10 @@
 (each job in its own process group, killed whole on timeout or failure), and reading what a run left on disk.
 
 Every multi-process run here is 2 CPU processes (gloo) on the tiny model: 16 alternating image / text-only
-records, 1 sample per rank (global batch 2), 6 steps, a checkpoint every 2 steps, every step logged, fp32,
-a high learning rate on every trained group so that each group visibly moves in a few steps.
+records, 1 sample per rank (global batch 2), 8 steps (one epoch), a checkpoint every 2 steps, every step logged,
+fp32, a high learning rate on every trained group so that each group visibly moves in a few steps. The modality
+sampler orders the steps T I I I I T T T (`step_modalities`): text-only steps after image steps, where the
+visual learner and the projector get no gradient, and losses after them that show how they were stepped.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ from safetensors.torch import load_file
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "configs"
 WORKER = Path(__file__).resolve().parent / "scaleout_worker.py"
-STEPS, SAVE_STEPS = 6, 2
+STEPS, SAVE_STEPS = 8, 2
 STAGE = "wings_stage2"
 TRAINED = {"llm", "projector", "visual_learner", "textual_learner", "router"}  # wings_stage2's groups
 # Launch budget per job: two fresh interpreters importing torch + transformers (+ deepspeed) on shared cores.
@@ -76,6 +78,18 @@ def single_reference(model_dir: Path, root: Path) -> dict:
         _SINGLE[str(model_dir)] = {"losses": logged_losses(out / f"checkpoint-{STEPS}"),
                                    "final": weights(out / "final")}
     return _SINGLE[str(model_dir)]
+
+
+def step_modalities(model_dir: Path, data: Path, batch_size: int = 1, world: int = 2, seed: int = 42) -> str:
+    """'I' / 'T' per optimizer step of the first epoch, as the Trainer's modality sampler orders them."""
+    from transformers import AutoProcessor
+
+    from wings.data import build_dataset, modality_length_grouped_indices
+
+    ds = build_dataset(data, AutoProcessor.from_pretrained(model_dir), max_length=128, progress=False)
+    order = modality_length_grouped_indices(ds.lengths, ds.is_multimodal, batch_size, world,
+                                            torch.Generator().manual_seed(seed))  # the Trainer's seed + epoch 0
+    return "".join("I" if ds.is_multimodal[order[i]] else "T" for i in range(0, len(order), batch_size * world))
 
 
 def free_port() -> int:

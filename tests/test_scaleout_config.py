@@ -12,7 +12,13 @@ from accelerate.utils import DistributedType
 from transformers import TrainingArguments
 
 from wings.training import load_config
-from wings.training.engines import check_engine, configure_fsdp_wrapping, deepspeed_zero_stage, engine_arguments
+from wings.training.engines import (
+    configure_fsdp_wrapping,
+    deepspeed_zero_stage,
+    engine_arguments,
+    init_restarted_process_group,
+    prepare_engine,
+)
 from wings.training.trainer import fsdp_shards_complete, is_complete_checkpoint
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
@@ -65,22 +71,25 @@ def test_fsdp_setting_errors():
               f"train.deepspeed={CONFIGS / 'deepspeed' / 'zero2.json'}")
 
 
-def fake_trainer(fsdp: bool = False, zero: int | None = None, world: int = 2, model=None):
-    """What check_engine reads of a WingsTrainer after accelerate set it up."""
+def fake_trainer(fsdp: bool = False, zero: int | None = None, world: int = 2, model=None, zero_config=None):
+    """What prepare_engine reads of a WingsTrainer after accelerate set it up."""
+    ds = SimpleNamespace(zero_stage=zero, deepspeed_config={"zero_optimization": zero_config or {"stage": zero}})
     state = SimpleNamespace(distributed_type=DistributedType.FSDP if fsdp else DistributedType.MULTI_CPU,
                             fsdp_plugin=SimpleNamespace(fsdp_version=2, transformer_cls_names_to_wrap=None),
-                            deepspeed_plugin=SimpleNamespace(zero_stage=zero))
+                            deepspeed_plugin=ds)
+    callbacks = []
     return SimpleNamespace(is_fsdp_enabled=fsdp, is_deepspeed_enabled=zero is not None, model=model,
-                           accelerator=SimpleNamespace(state=state), args=SimpleNamespace(world_size=world))
+                           accelerator=SimpleNamespace(state=state), args=SimpleNamespace(world_size=world),
+                           callbacks=callbacks, add_callback=callbacks.append)
 
 
 def test_fsdp_that_accelerate_dropped_is_an_error_not_a_silent_ddp_run(monkeypatch):
     config = stage(f"train.fsdp={CONFIGS / 'accelerate' / 'fsdp.json'}")
     with pytest.raises(ValueError, match="FSDP was requested .* MULTI_CPU run: accelerate runs FSDP on GPUs"):
-        check_engine(config, fake_trainer(fsdp=False), dataset_with_modalities())
+        prepare_engine(config, fake_trainer(fsdp=False), dataset_with_modalities())
     monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")  # `accelerate launch --config_file configs/accelerate/...`
     with pytest.raises(ValueError, match="FSDP was requested"):
-        check_engine(stage(), fake_trainer(fsdp=False), dataset_with_modalities())
+        prepare_engine(stage(), fake_trainer(fsdp=False), dataset_with_modalities())
 
 
 def dataset_with_modalities():
@@ -92,13 +101,23 @@ def test_sharded_engines_need_modality_aligned_steps(engine, make_tiny):
     model, _ = make_tiny()
     trainer = fake_trainer(fsdp=engine == "fsdp", zero=3 if engine == "zero3" else None, model=model)
     with pytest.raises(ValueError, match="same modality .* data.group_by_modality: true"):
-        check_engine(stage("data.group_by_modality=false"), trainer, dataset_with_modalities())
+        prepare_engine(stage("data.group_by_modality=false"), trainer, dataset_with_modalities())
     with pytest.raises(ValueError, match="same modality"):
-        check_engine(stage(), trainer, [1, 2])  # a dataset without .lengths / .is_multimodal
-    name = check_engine(stage(), trainer, dataset_with_modalities())
+        prepare_engine(stage(), trainer, [1, 2])  # a dataset without .lengths / .is_multimodal
+    name = prepare_engine(stage(), trainer, dataset_with_modalities())
     assert name == {"zero3": "deepspeed-zero3", "fsdp": "fsdp2"}[engine]
-    assert check_engine(stage("data.group_by_modality=false"), fake_trainer(zero=2), [1]) == "deepspeed-zero2"
-    assert check_engine(stage("data.group_by_modality=false"), fake_trainer(world=1), [1]) == "single"
+    # ZeRO-3 gets the per-step reset of its gradient buffer (stale gradients of skipped parameters)
+    assert [type(c).__name__ for c in trainer.callbacks] == (["FreshZero3Gradients"] if engine == "zero3" else [])
+    assert prepare_engine(stage("data.group_by_modality=false"), fake_trainer(zero=2), [1]) == "deepspeed-zero2"
+    assert prepare_engine(stage("data.group_by_modality=false"), fake_trainer(world=1), [1]) == "single"
+
+
+def test_zero3_with_optimizer_offload_is_refused():
+    trainer = fake_trainer(zero=3, zero_config={"stage": 3, "offload_optimizer": {"device": "cpu"}})
+    with pytest.raises(ValueError, match="ZeRO-3 with offload_optimizer is not supported: .*stale"):
+        prepare_engine(stage(), trainer, dataset_with_modalities())
+    trainer = fake_trainer(zero=3, zero_config={"stage": 3, "offload_optimizer": {"device": "none"}})
+    assert prepare_engine(stage(), trainer, dataset_with_modalities()) == "deepspeed-zero3"
 
 
 def test_fsdp_wraps_the_layer_classes_the_model_really_has(make_tiny):
@@ -122,3 +141,16 @@ def test_sharded_fsdp_checkpoint_is_complete_once_its_metadata_is_written(tmp_pa
     assert fsdp_shards_complete(ckpt) and is_complete_checkpoint(ckpt)
     (ckpt / "trainer_state.json").unlink()
     assert not is_complete_checkpoint(ckpt)
+
+
+def test_only_a_restarted_torchrun_worker_gets_its_own_process_group(monkeypatch):
+    """First attempts keep HF/accelerate's own init; a restart (exercised by test_scaleout_launchers) gets a store
+    prefix of its own."""
+    monkeypatch.delenv("TORCHELASTIC_RESTART_COUNT", raising=False)
+    assert init_restarted_process_group(stage()) is False
+    monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", "0")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert init_restarted_process_group(stage()) is False
+    monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", "1")
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    assert init_restarted_process_group(stage()) is False

@@ -40,7 +40,7 @@ from scaleout_support import (
 )
 from wings.training.trainer import checkpoints, is_complete_checkpoint, latest_complete_checkpoint
 
-LOSS_RTOL = 1e-5  # against the single-process run (measured: <= 8e-8)
+LOSS_RTOL = 1e-6  # against the single-process run (measured: <= 8.2e-8)
 # From the signal to the end of the job: torchrun notices a dead worker within --monitor-interval (0.1 s) and stops
 # the others; seconds in practice. The bound only tells a hang from a slow machine.
 END_AFTER_KILL_S = 120

@@ -6,6 +6,11 @@ that turn a silent misconfiguration into a clear error, and the one FSDP setting
     fsdp       `train.fsdp: configs/accelerate/fsdp.json` (an HF `fsdp_config`), or `accelerate launch
                --config_file configs/accelerate/fsdp.yaml` (which sets ACCELERATE_USE_FSDP for the workers)
 
+ZeRO-3 keeps every parameter's reduced gradient in one flat buffer and overwrites a parameter's slice only when
+that parameter gets a gradient, so a parameter a step skips (the visual learner and the projector on a text-only
+step) would be stepped again with the gradient of the last step that used it; `FreshZero3Gradients` zeroes the
+buffer before each optimizer step, which gives skipped parameters the zero gradient DDP gives them (`anchor()`).
+
 ZeRO-3 and FSDP gather a module's weights collectively when the module runs. A rank whose batch has no image
 skips the vision tower, so under them every rank must see the same modality at each step: the modality sampler
 (`data.group_by_modality: true`) guarantees that, and `check_engine` refuses a sharded run without it (it would
@@ -16,10 +21,42 @@ from __future__ import annotations
 
 import json
 import os
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
+from transformers import TrainerCallback
+
 from .config import TrainConfig
+
+
+def init_restarted_process_group(config: TrainConfig) -> bool:
+    """Initialise the process group of a worker that `torchrun --max-restarts` restarted, on a store prefix of
+    its own attempt. Returns whether it did (False on a first attempt, or outside torchrun).
+
+    A restarted worker group meets in the same agent store as the attempt before, where the dead workers'
+    connection addresses are still published under the same keys; a restarted rank may read a stale one and fail
+    ("Gloo connectFullMesh failed ... Connection refused") or hang connecting to a dead process (pytorch#167288
+    reports the same for NCCL). Measured here on gloo: 2 of 5 restarts recovered with the stock init, 5 of 5 with
+    this. First attempts keep the stock init; HF and accelerate use a group that is already initialised.
+    """
+    import torch
+    import torch.distributed as dist
+
+    attempt = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if attempt == 0 or world < 2 or dist.is_initialized():
+        return False
+    rank = int(os.environ["RANK"])
+    agent_store = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"  # else rank 0 hosts the store
+    timeout = timedelta(seconds=float(config.train.extra_args.get("ddp_timeout", 1800)))
+    store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world,
+                          is_master=not agent_store and rank == 0, timeout=timeout)
+    backend = config.train.ddp_backend or ("nccl" if torch.cuda.is_available() and not config.train.use_cpu
+                                           else "gloo")
+    dist.init_process_group(backend, store=dist.PrefixStore(f"wings/restart_{attempt}/", store), rank=rank,
+                            world_size=world, timeout=timeout)
+    return True
 
 
 def deepspeed_zero_stage(path: str | Path | None) -> int | None:
@@ -59,9 +96,9 @@ def engine_name(trainer) -> str:
     return "ddp" if trainer.args.world_size > 1 else "single"
 
 
-def check_engine(config: TrainConfig, trainer, train_dataset) -> str:
-    """Refuse engine setups that would not do what the config says, complete FSDP's wrap list; returns the
-    engine's name for the log."""
+def prepare_engine(config: TrainConfig, trainer, train_dataset) -> str:
+    """Refuse engine setups that would not do what the config says, then complete the setup (FSDP's wrap list,
+    ZeRO-3's gradient reset); returns the engine's name for the log."""
     if fsdp_requested(config) and not trainer.is_fsdp_enabled:
         # accelerate 1.15 turns FSDP on only for GPU-type devices (MULTI_GPU, MULTI_XPU, ...); on CPU it drops
         # the plugin and the run would be plain DDP, with every rank holding every weight.
@@ -78,8 +115,33 @@ def check_engine(config: TrainConfig, trainer, train_dataset) -> str:
                 f"{name} gathers each module's weights on every rank when it runs, so all ranks must see the same "
                 "modality (image or text-only) at each step; set data.group_by_modality: true (and give a dataset "
                 "with .lengths and .is_multimodal, as wings.data.build_dataset does)")
+    if name == "deepspeed-zero3":
+        zero = trainer.accelerator.state.deepspeed_plugin.deepspeed_config.get("zero_optimization", {})
+        if (zero.get("offload_optimizer") or {}).get("device", "none") != "none":
+            raise ValueError("DeepSpeed ZeRO-3 with offload_optimizer is not supported: its offloaded gradients keep "
+                             "a stale value for parameters a step skips (text-only steps skip the visual learner "
+                             "and projector); use ZeRO-3 without optimizer offload, or ZeRO-2")
+        trainer.add_callback(FreshZero3Gradients(trainer))
     configure_fsdp_wrapping(trainer)
     return name
+
+
+class FreshZero3Gradients(TrainerCallback):
+    """Zero ZeRO-3's flat gradient buffer at the start of every optimizer step (before its first micro-batch), so
+    a parameter without a gradient in this step is stepped with zero, not with an old gradient (module docstring).
+    Parameters that do get one are unaffected: ZeRO-3 copies (not adds) the first micro-batch's gradient."""
+
+    def __init__(self, trainer):
+        self.trainer = trainer
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        optimizer = getattr(self.trainer.deepspeed, "optimizer", None)
+        buffer = getattr(optimizer, "grad_partitions_flat_buffer", None)
+        if buffer is None:
+            raise RuntimeError("DeepSpeed ZeRO-3 optimizer has no grad_partitions_flat_buffer: this DeepSpeed "
+                               "version is not the pinned 0.19.8; check the stale-gradient reset in "
+                               "wings/training/engines.py before training")
+        buffer.zero_()
 
 
 def configure_fsdp_wrapping(trainer) -> list[str]:

@@ -19,7 +19,7 @@ import torch
 from transformers import AutoProcessor, TrainingArguments, set_seed
 
 from .config import TrainConfig, dump_config
-from .engines import check_engine, engine_arguments
+from .engines import engine_arguments, init_restarted_process_group, prepare_engine
 from .stages import merge_lora, prepare_model, stage_learning_rates
 from .trainer import LossRecorder, WingsTrainer, checkpoints, latest_complete_checkpoint, save_final_atomic
 
@@ -122,6 +122,7 @@ def resolve_resume(config: TrainConfig) -> Path | None:
 def train(config: TrainConfig, train_dataset=None, data_collator=None, callbacks: list | None = None) -> TrainResult:
     """Run one stage. `train_dataset`/`data_collator` replace the `config.data` pipeline when given; `callbacks`
     are extra HF `TrainerCallback`s."""
+    init_restarted_process_group(config)  # before anything joins a process group (torchrun --max-restarts)
     set_seed(config.train.seed)  # fresh learners / router added on load draw from this
     model, trainable = prepare_model(config)
     processor = AutoProcessor.from_pretrained(config.model.path)
@@ -142,7 +143,7 @@ def train(config: TrainConfig, train_dataset=None, data_collator=None, callbacks
         processing_class=processor, callbacks=[recorder, *(callbacks or [])], group_lrs=lrs, group_weight_decays=wds,
         group_by_modality=config.data.group_by_modality,
     )
-    engine = check_engine(config, trainer, train_dataset)
+    engine = prepare_engine(config, trainer, train_dataset)
     if config.lora.enabled and engine == "deepspeed-zero3":
         raise ValueError("lora.enabled with DeepSpeed ZeRO-3 is not supported (the adapters are merged into "
                          "partitioned weights before the final save); use configs/deepspeed/zero2.json")
