@@ -112,8 +112,27 @@ def torchrun(*args: str, nproc: int = 2, standalone: bool = True) -> list[str]:
     return [sys.executable, "-m", "torch.distributed.run", *launch, "--nproc_per_node", str(nproc), *args]
 
 
+def descendants(pid: int) -> list[int]:
+    """Every live process below `pid` (from /proc). torchrun starts each worker in a session of its own, so killing
+    torchrun's process group would leave the workers running, orphaned."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    found, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found.append(child)
+            todo.append(child)
+    return found
+
+
 class Job:
-    """A launched command in its own session (process group); `stop()` kills the whole group."""
+    """A launched command in its own session; `stop()` kills it and every process below it (torchrun's workers
+    included, which live in sessions of their own)."""
 
     def __init__(self, cmd: list[str], env: dict[str, str], log: Path):
         self.log = log
@@ -132,6 +151,11 @@ class Job:
 
     def stop(self) -> None:
         if self.proc.poll() is None:
+            for pid in descendants(self.proc.pid):  # before torchrun dies and they are re-parented
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
             try:
                 os.killpg(self.proc.pid, signal.SIGKILL)
             except ProcessLookupError:
