@@ -14,7 +14,7 @@ $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	# torch first, alone: pip then takes the local CPU build of 2.13.0 and never a CUDA wheel.
 	$(BIN)/pip install -q torch==2.13.0
-	$(BIN)/pip install -q -e ".[dev,tensorboard,eval,serve,web-test]"
+	$(BIN)/pip install -q -e ".[dev,tensorboard,eval,serve,serve-test]"
 	touch $(STAMP)
 
 setup: $(STAMP)

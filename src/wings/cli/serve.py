@@ -102,4 +102,5 @@ def run(args) -> int:
     print(f"wings serve: {names} at {url}/v1 (OpenAI chat completions)" + (f"; web page: {url}/" if args.ui else ""),
           file=sys.stderr, flush=True)
     serve_forever(create_app(server), sock, log_level=args.log_level)
+    print("wings serve: stopped", file=sys.stderr)
     return 0

@@ -5,6 +5,7 @@ The socket is bound before uvicorn starts, so port 0 gives a free port whose num
 
 from __future__ import annotations
 
+import signal
 import socket
 import threading
 import time
@@ -31,9 +32,20 @@ def url_of(sock: socket.socket) -> str:
 
 
 def serve_forever(app, sock: socket.socket, log_level: str = "info") -> None:
-    """Serve until Ctrl-C / SIGTERM (uvicorn's own handling), then shut down cleanly."""
-    config = uvicorn.Config(app, log_level=log_level, timeout_graceful_shutdown=5)
-    uvicorn.Server(config).run(sockets=[sock])
+    """Serve until Ctrl-C or SIGTERM, then shut down cleanly (requests in flight get up to 5 s) and return.
+
+    uvicorn re-raises the signal it stopped on once it is done; both end here as a KeyboardInterrupt."""
+
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        uvicorn.Server(uvicorn.Config(app, log_level=log_level, timeout_graceful_shutdown=5)).run(sockets=[sock])
+    except KeyboardInterrupt:
+        pass
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 class BackgroundServer:

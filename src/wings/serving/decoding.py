@@ -40,9 +40,9 @@ class Failure:
     error: APIError
 
 
-def router_cell(text: str, layer_weights: list[float]) -> dict:
-    """One strip cell: the token's text, w_v averaged over learner layers, and each layer's w_v."""
-    return {"text": text, "w_v": round(sum(layer_weights) / len(layer_weights), 4),
+def router_cell(token_id: int, text: str, layer_weights: list[float]) -> dict:
+    """One strip cell: the token (id, text), w_v averaged over learner layers, and each layer's w_v."""
+    return {"id": token_id, "text": text, "w_v": round(sum(layer_weights) / len(layer_weights), 4),
             "layers": [round(w, 4) for w in layer_weights]}
 
 
@@ -95,7 +95,7 @@ class RowDecoder:
         cells = None
         if layer_weights is not None and self.wants_cells:
             label = piece if token not in self.eos else self.tokenizer.convert_ids_to_tokens(token)
-            cells = [router_cell(label, layer_weights)]
+            cells = [router_cell(token, label, layer_weights)]
         end = len(self.text) if reason else max(self.released, len(self.text) - self.hold)
         text, self.released = self.text[self.released:end], max(self.released, end)
         if text or cells or reason:
@@ -174,7 +174,7 @@ class WaveMonitor(StoppingCriteria):
             for token, layer_weights in zip(ids, weights, strict=True):
                 piece = stream.step(row.backend, token) or ""
                 if token != self.image_token_id:
-                    cells.append(router_cell(piece, layer_weights))
+                    cells.append(router_cell(token, piece, layer_weights))
             row.ticket.push(Delta(prompt_cells=cells))
 
 
