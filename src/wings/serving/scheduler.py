@@ -73,7 +73,8 @@ class Ticket:
 class Scheduler:
     """Owns `served.model`: a queue of tickets and the thread that runs them in waves."""
 
-    def __init__(self, served: ServedModel, max_batch_size: int = 8, max_queue: int = 64):
+    def __init__(self, served: ServedModel, max_batch_size: int = 8, max_queue: int = 64,
+                 gather_seconds: float = 0.02):
         if max_batch_size < 1 or max_queue < 1:
             raise ValueError(f"max_batch_size and max_queue must be >= 1, got {max_batch_size} and {max_queue}")
         self.served = served
@@ -81,6 +82,9 @@ class Scheduler:
         # request at a time.
         self.max_batch_size = 1 if served.official else max_batch_size
         self.max_queue = max_queue
+        # A wave starts once the batch is full or its oldest request has waited this long: clients that send
+        # together (a burst, an evaluation harness) share the first wave instead of the first one running alone.
+        self.gather_seconds = gather_seconds
         self._pending: deque[Ticket] = deque()
         self._cond = threading.Condition()
         self._paused = False
@@ -160,10 +164,15 @@ class Scheduler:
 
     def _next_wave(self) -> list[Ticket] | None:
         with self._cond:
-            while not self._stopping and (self._paused or not self._pending):
-                self._cond.wait()
-            if self._stopping:
-                return None
+            while True:
+                while not self._stopping and (self._paused or not self._pending):
+                    self._cond.wait()
+                if self._stopping:
+                    return None
+                left = self._pending[0].submitted_at + self.gather_seconds - time.monotonic()
+                if len(self._pending) >= self.max_batch_size or left <= 0:
+                    break
+                self._cond.wait(left)
             wave = []
             while self._pending and len(wave) < self.max_batch_size:
                 ticket = self._pending.popleft()
