@@ -78,3 +78,19 @@ def test_bad_flags_are_one_line_and_exit_2(wings_dir, args, message, capsys, mon
     err = capsys.readouterr().err
     assert code == 2, err
     assert err.count("\n") == 1 and err.startswith("wings serve: error: ") and message in err, err
+
+
+def test_the_demo_prints_a_command_that_opens_its_models_in_compare_mode(tmp_path):
+    import shlex
+
+    from wings.cli import build_parser
+    from wings.demo.pipeline import serve_command
+
+    stages = {f"{f}_stage2": {"final_dir": str(tmp_path / "demo out" / f"{f}_stage2" / "final")}
+              for f in ("llava", "wings")}
+    command = serve_command({"stages": stages})
+    argv = shlex.split(command)
+    assert argv[:2] == ["wings", "serve"]
+    args = build_parser().parse_args(argv[1:])
+    assert args.model_dir == stages["wings_stage2"]["final_dir"] and args.compare == stages["llava_stage2"]["final_dir"]
+    assert args.ui
