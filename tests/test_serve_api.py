@@ -241,3 +241,12 @@ def test_full_queue_answers_429_with_retry_after(wings_pair):
             t.join(120)
         assert [r.status_code for r in replies] == [200, 200]
         assert scheduler.stats()["max_batch_size_seen"] == 2  # the two waiting requests ran as one batch
+
+
+def test_a_body_over_the_limit_is_refused_with_413(wings_pair, image_urls):
+    with running([("tiny-wings", wings_pair)], max_body_bytes=4096) as (url, _):
+        body = {"model": "tiny-wings", "messages": user("what?", image_urls[0] + "A" * 8192), "max_tokens": 2}
+        reply = requests.post(url + "/v1/chat/completions", json=body, timeout=30)
+        assert reply.status_code == 413 and "over the limit" in reply.json()["error"]["message"]
+        small = {"model": "tiny-wings", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
+        assert requests.post(url + "/v1/chat/completions", json=small, timeout=30).status_code == 200
