@@ -8,8 +8,8 @@ another, on the same server. Printed per run: requests/s, generated tokens/s, ti
 and answers that differ from their one-at-a-time answer; then the medians over repeats and the speed-up
 (concurrent tokens/s / one-at-a-time tokens/s).
 
-    python benchmarks/bench_serve.py                         # tiny preset, in-process server on a free port
-    python benchmarks/bench_serve.py --model-dir DIR         # a saved model, in-process server
+    python benchmarks/bench_serve.py                         # tiny preset, `wings serve` child process, free port
+    python benchmarks/bench_serve.py --model-dir DIR         # a saved model, `wings serve` child process
     python benchmarks/bench_serve.py --url http://127.0.0.1:8000 --model NAME   # a running `wings serve`
     options: --clients 8 --requests-per-client 4 --max-tokens 32 --repeats 3 --max-batch-size 8
 """
@@ -20,7 +20,11 @@ import argparse
 import base64
 import contextlib
 import json
+import os
+import signal
 import statistics
+import subprocess
+import sys
 import tempfile
 import threading
 import time
@@ -111,11 +115,22 @@ def run_sequential(url, model, bodies, headers) -> tuple[list[dict], float]:
     return results, time.perf_counter() - started
 
 
-def summarize(name: str, results: list[dict], seconds: float, reference: list[dict] | None = None) -> dict:
+def cpu_seconds(pid: int | None) -> float:
+    """CPU time the server process has used (user + system), from /proc; NaN where that is unavailable. On a shared
+    machine, tokens per server CPU second is the figure other processes disturb least."""
+    try:
+        fields = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    except (OSError, TypeError, ValueError, IndexError):
+        return float("nan")
+
+
+def summarize(name: str, results: list[dict], seconds: float, cpu: float, reference: list[dict] | None = None) -> dict:
     ok = [r for r in results if "error" not in r]
     tokens = sum(r["tokens"] for r in ok)
     row = {"mode": name, "requests": len(results), "seconds": seconds, "req_per_s": len(ok) / seconds,
-           "tok_per_s": tokens / seconds, "ttft_p50": percentile([r["ttft"] for r in ok], 0.5),
+           "tok_per_s": tokens / seconds, "tok_per_cpu_s": tokens / cpu if cpu > 0 else float("nan"),
+           "ttft_p50": percentile([r["ttft"] for r in ok], 0.5),
            "ttft_p95": percentile([r["ttft"] for r in ok], 0.95),
            "lat_p50": percentile([r["latency"] for r in ok], 0.5),
            "lat_p95": percentile([r["latency"] for r in ok], 0.95),
@@ -126,57 +141,84 @@ def summarize(name: str, results: list[dict], seconds: float, reference: list[di
     return row
 
 
+def print_errors(results: list[dict]) -> None:
+    for message in sorted({r["error"] for r in results if "error" in r})[:3]:
+        print(f"  error: {message}", flush=True)
+
+
 def print_row(row: dict) -> None:
     differ = "-" if row["differ"] is None else row["differ"]
     print(f"{row['mode']:<12} {row['requests']:>4} req {row['seconds']:7.2f} s  {row['req_per_s']:6.2f} req/s  "
-          f"{row['tok_per_s']:7.1f} tok/s  TTFT p50/p95 {row['ttft_p50']:.3f}/{row['ttft_p95']:.3f} s  "
+          f"{row['tok_per_s']:7.1f} tok/s ({row['tok_per_cpu_s']:6.1f} per server CPU s)  "
+          f"TTFT p50/p95 {row['ttft_p50']:.3f}/{row['ttft_p95']:.3f} s  "
           f"latency p50/p95 {row['lat_p50']:.2f}/{row['lat_p95']:.2f} s  errors {row['errors']}  "
           f"lost/truncated {row['lost_or_truncated']}  differ {differ}", flush=True)
 
 
 @contextlib.contextmanager
-def in_process_server(model_dir: str | None, max_batch_size: int):
-    """The tiny preset (or `model_dir`) behind `wings serve` on 127.0.0.1:<free port>, in this process."""
+def local_server(model_dir: str | None, max_batch_size: int):
+    """`wings serve` on the tiny preset (or `model_dir`) in a child process on 127.0.0.1:<free port>: the clients
+    then do not share this process's interpreter lock with the server."""
     from wings.builder import build_tiny, save
-    from wings.serving import BackgroundServer, ServedModel, Server, ServerOptions, create_app
 
     with tempfile.TemporaryDirectory() as tmp:
         if model_dir is None:  # what `wings init-model --preset tiny --out DIR` writes
             model_dir = str(save(*build_tiny(seed=0), tmp))
-        served = ServedModel.load(model_dir, name="bench", device="cpu", dtype="float32")
-        server = Server([served], ServerOptions(max_batch_size=max_batch_size, max_queue=1024))
-        with BackgroundServer(create_app(server)) as http:
-            yield http.url, "bench"
+        cmd = [sys.executable, "-m", "wings.cli", "serve", model_dir, "--port", "0", "--served-model-name", "bench",
+               "--max-batch-size", str(max_batch_size), "--max-queue", "1024", "--device", "cpu",
+               "--dtype", "float32", "--log-level", "warning", "--no-ui"]
+        proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True)
+        try:
+            url = None
+            for line in proc.stderr:
+                if line.startswith("wings serve: bench at "):
+                    url = line.split(" at ", 1)[1].split("/v1", 1)[0]
+                    break
+            if url is None:
+                raise RuntimeError(f"wings serve did not start (exit code {proc.wait()})")
+            threading.Thread(target=proc.stderr.read, daemon=True).start()  # keep its pipe from filling up
+            yield url, "bench", proc.pid
+        finally:
+            proc.send_signal(signal.SIGINT)
+            try:
+                proc.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                proc.kill()
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--url", default=None, help="a running server (default: start one in this process)")
     p.add_argument("--model", default=None, help="model name on --url")
-    p.add_argument("--model-dir", default=None, help="model for the in-process server (default: tiny preset)")
+    p.add_argument("--model-dir", default=None, help="model for the local server (default: tiny preset)")
     p.add_argument("--api-key", default=None)
     p.add_argument("--clients", type=int, default=8)
     p.add_argument("--requests-per-client", type=int, default=4)
     p.add_argument("--max-tokens", type=int, default=32)
-    p.add_argument("--max-batch-size", type=int, default=8, help="in-process server only")
+    p.add_argument("--max-batch-size", type=int, default=8, help="local server only")
     p.add_argument("--repeats", type=int, default=3)
     args = p.parse_args()
     headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}
     bodies = build_requests(args.clients * args.requests_per_client, args.max_tokens)
-    server = contextlib.nullcontext((args.url, args.model)) if args.url else in_process_server(args.model_dir,
-                                                                                                args.max_batch_size)
-    with server as (url, model):
+    server = contextlib.nullcontext((args.url, args.model, None)) if args.url else local_server(args.model_dir,
+                                                                                                      args.max_batch_size)
+    with server as (url, model, pid):
         if model is None:
             model = requests.get(url + "/v1/models", headers=headers, timeout=30).json()["data"][0]["id"]
         stream_one(url, model, bodies[0], headers)  # warm-up
         rows = {"one at a time": [], f"{args.clients} clients": []}
         for _ in range(args.repeats):
+            cpu = cpu_seconds(pid)
             alone, alone_s = run_sequential(url, model, bodies, headers)
-            rows["one at a time"].append(summarize("one at a time", alone, alone_s))
+            rows["one at a time"].append(summarize("one at a time", alone, alone_s, cpu_seconds(pid) - cpu))
             print_row(rows["one at a time"][-1])
+            print_errors(alone)
+            cpu = cpu_seconds(pid)
             together, together_s = run_concurrent(url, model, bodies, args.clients, headers)
-            rows[f"{args.clients} clients"].append(summarize(f"{args.clients} clients", together, together_s, alone))
+            rows[f"{args.clients} clients"].append(summarize(f"{args.clients} clients", together, together_s,
+                                                             cpu_seconds(pid) - cpu, alone))
             print_row(rows[f"{args.clients} clients"][-1])
+            print_errors(together)
         stats = requests.get(url + "/wings/stats", headers=headers, timeout=30)
     print(f"\nmedians of {args.repeats} repeats ({len(bodies)} requests, {args.max_tokens} max tokens each, greedy):")
     medians = {}
@@ -185,8 +227,10 @@ def main() -> None:
         medians[name]["mode"] = name
         medians[name]["differ"] = sum(r["differ"] or 0 for r in runs) if runs[0]["differ"] is not None else None
         print_row(medians[name])
-    speedup = medians[f"{args.clients} clients"]["tok_per_s"] / medians["one at a time"]["tok_per_s"]
+    speedup = medians[f"{args.clients} clients"]["tok_per_s"] / max(medians["one at a time"]["tok_per_s"], 1e-9)
     print(f"speed-up (tokens/s, {args.clients} concurrent clients vs one at a time): {speedup:.2f}x")
+    cpu_speedup = medians[f"{args.clients} clients"]["tok_per_cpu_s"] / medians["one at a time"]["tok_per_cpu_s"]
+    print(f"speed-up (tokens per server CPU second): {cpu_speedup:.2f}x")
     if stats.status_code == 200:
         for s in stats.json()["schedulers"]:
             print(f"scheduler {s['model']}: {s['waves']} waves, {s['requests']} requests, mean batch "

@@ -124,8 +124,9 @@ def create_app(server: Server) -> FastAPI:
         body = parse_body(await read_body(request, server.options.max_body_bytes))
         chat = parse_chat_request(body)
         served, scheduler = server.model_for(chat.model)
-        prepared = await run_in_threadpool(served.prepare, chat)
-        ticket = scheduler.submit(prepared, asyncio.get_running_loop())
+        with scheduler.preparing():
+            prepared = await run_in_threadpool(served.prepare, chat)
+            ticket = scheduler.submit(prepared, asyncio.get_running_loop())
         if chat.stream:
             return StreamingResponse(stream_events(ticket, chat, served), media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})

@@ -22,6 +22,7 @@ def bind(host: str, port: int) -> socket.socket:
     except OSError as err:
         sock.close()
         raise OSError(f"cannot listen on {host}:{port}: {err.strerror or err}") from None
+    sock.listen(2048)  # from here on, connections wait in the backlog until uvicorn accepts them (none is refused)
     sock.set_inheritable(True)
     return sock
 

@@ -15,6 +15,7 @@ time, so a request that fails on its own gets the error and the others their ans
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import copy
 import logging
 import threading
@@ -30,6 +31,7 @@ from .errors import APIError
 from .inputs import Prepared, ServedModel
 
 logger = logging.getLogger("wings.serve")
+MAX_GATHER_SECONDS = 0.25
 SAMPLING_KEYS = ("do_sample", "temperature", "top_p", "top_k", "min_p", "typical_p", "epsilon_cutoff",
                  "eta_cutoff")
 
@@ -82,9 +84,12 @@ class Scheduler:
         # request at a time.
         self.max_batch_size = 1 if served.official else max_batch_size
         self.max_queue = max_queue
-        # A wave starts once the batch is full or its oldest request has waited this long: clients that send
-        # together (a burst, an evaluation harness) share the first wave instead of the first one running alone.
+        # A wave starts once the batch is full or its oldest request has waited `gather_seconds`, and, while
+        # requests that arrived meanwhile are still being prepared (images decoded, tokenized), up to
+        # `MAX_GATHER_SECONDS`: clients that send together (a burst, an evaluation harness) share the first wave
+        # instead of the first one running alone.
         self.gather_seconds = gather_seconds
+        self._preparing = 0
         self._pending: deque[Ticket] = deque()
         self._cond = threading.Condition()
         self._paused = False
@@ -109,6 +114,18 @@ class Scheduler:
             self._pending.append(ticket)
             self._cond.notify()
             return ticket
+
+    @contextlib.contextmanager
+    def preparing(self):
+        """Around a request's preparation (before `submit`): the next wave waits a little for it."""
+        with self._cond:
+            self._preparing += 1
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._preparing -= 1
+                self._cond.notify()
 
     def retry_after(self) -> int:
         """Seconds until the queue has room, guessed from recent waves (at least 1)."""
@@ -169,10 +186,11 @@ class Scheduler:
                     self._cond.wait()
                 if self._stopping:
                     return None
-                left = self._pending[0].submitted_at + self.gather_seconds - time.monotonic()
-                if len(self._pending) >= self.max_batch_size or left <= 0:
+                waited = time.monotonic() - self._pending[0].submitted_at
+                limit = MAX_GATHER_SECONDS if self._preparing else self.gather_seconds
+                if len(self._pending) >= self.max_batch_size or waited >= limit:
                     break
-                self._cond.wait(left)
+                self._cond.wait(limit - waited)
             wave = []
             while self._pending and len(wave) < self.max_batch_size:
                 ticket = self._pending.popleft()
