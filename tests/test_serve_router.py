@@ -115,3 +115,15 @@ def test_models_without_a_router_say_so(llava_pair, make_tiny, image_urls):
             assert got["wings"]["tokens"] == [] and "prompt_tokens" not in got["wings"]
             info = requests.get(url + "/wings/info", timeout=30).json()
             assert any(m["id"] == name and m["router"]["available"] is False for m in info["models"])
+
+
+def test_a_compat_official_model_is_served_one_request_at_a_time(make_tiny, image_urls):
+    model, processor = make_tiny(seed=4, compat="official", system_prompt_length=5)
+    with running([("official", (model.eval(), processor))]) as (url, server):
+        assert server.schedulers["official"].max_batch_size == 1  # no KV cache, the released padding behaviour
+        got = post(url, {"model": "official", "messages": user("what?", image_urls[0]), "max_tokens": 4,
+                         "wings_router": True})
+        assert got["usage"]["completion_tokens"] == len(got["wings"]["tokens"]) <= 4
+        two = requests.post(url + "/v1/chat/completions", timeout=60, json={
+            "model": "official", "messages": user("what?", image_urls[0], image_urls[1]), "max_tokens": 2})
+        assert two.status_code == 400 and "one image per conversation" in two.json()["error"]["message"]
