@@ -65,6 +65,7 @@ class RowDecoder:
         self.finished = False
         self._cut = False  # the text was cut at a stop sequence
         self.stopped_by_cancel = False
+        self.outbox: Delta | None = None  # this step's event, handed over by the monitor with the other rows'
 
     @property
     def wants_cells(self) -> bool:
@@ -99,7 +100,7 @@ class RowDecoder:
         end = len(self.text) if reason else max(self.released, len(self.text) - self.hold)
         text, self.released = self.text[self.released:end], max(self.released, end)
         if text or cells or reason:
-            self.ticket.push(Delta(text=text, cells=cells, finish_reason=reason, completion_tokens=self.tokens))
+            self.outbox = Delta(text=text, cells=cells, finish_reason=reason, completion_tokens=self.tokens)
         self.finished = reason is not None
         return self.finished
 
@@ -127,6 +128,25 @@ class RowDecoder:
                                        completion_tokens=self.tokens))
 
 
+def deliver(pairs: list[tuple[object, Delta]]) -> None:
+    """Hand one step's events to their clients with one wake-up per event loop, not one per row: each wake-up
+    makes the scheduler thread and the HTTP thread trade the interpreter lock."""
+    by_loop: dict = {}
+    for ticket, event in pairs:
+        ticket.note(event)
+        by_loop.setdefault(ticket.loop, []).append((ticket.queue, event))
+    for loop, items in by_loop.items():
+        try:
+            loop.call_soon_threadsafe(_put_all, items)
+        except RuntimeError:  # the event loop is closed: the server is shutting down
+            pass
+
+
+def _put_all(items: list) -> None:
+    for queue, event in items:
+        queue.put_nowait(event)
+
+
 class WaveMonitor(StoppingCriteria):
     """Called by `generate` after each step (tokens chosen, before the next forward): feeds every row."""
 
@@ -144,6 +164,9 @@ class WaveMonitor(StoppingCriteria):
             self._send_prompt_cells(input_ids[:, :-1])
         done = [row.step(token, None if weights is None else weights[i])
                 for i, (row, token) in enumerate(zip(self.rows, tokens, strict=True))]
+        deliver([(row.ticket, row.outbox) for row in self.rows if row.outbox is not None])
+        for row in self.rows:
+            row.outbox = None
         return torch.tensor(done, dtype=torch.bool, device=input_ids.device)
 
     def _layers(self) -> list[int]:

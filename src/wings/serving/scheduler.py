@@ -49,11 +49,15 @@ class Ticket:
         self.done = False
         self.submitted_at = time.monotonic()
 
-    def push(self, event: Delta | Failure) -> None:
+    def note(self, event: Delta | Failure) -> None:
+        """Update the flags the scheduler reads (in the scheduler's thread, before the event is handed over)."""
         if isinstance(event, Delta) and (event.text or event.cells):
             self.emitted = True
         if isinstance(event, Failure) or event.finish_reason is not None:
             self.done = True
+
+    def push(self, event: Delta | Failure) -> None:
+        self.note(event)
         try:
             self.loop.call_soon_threadsafe(self.queue.put_nowait, event)
         except RuntimeError:  # the event loop is closed: the server is shutting down and nobody listens
