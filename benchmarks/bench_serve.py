@@ -11,7 +11,7 @@ and answers that differ from their one-at-a-time answer; then the medians over r
     python benchmarks/bench_serve.py                         # tiny preset, `wings serve` child process, free port
     python benchmarks/bench_serve.py --model-dir DIR         # a saved model, `wings serve` child process
     python benchmarks/bench_serve.py --url http://127.0.0.1:8000 --model NAME   # a running `wings serve`
-    options: --clients 8 --requests-per-client 4 --max-tokens 32 --repeats 3 --max-batch-size 8
+    options: --clients 8 --requests-per-client 4 --max-tokens 32 --repeats 3 --max-batch-size 8 --server-threads 1
 """
 
 from __future__ import annotations
@@ -156,7 +156,7 @@ def print_row(row: dict) -> None:
 
 
 @contextlib.contextmanager
-def local_server(model_dir: str | None, max_batch_size: int):
+def local_server(model_dir: str | None, max_batch_size: int, threads: int):
     """`wings serve` on the tiny preset (or `model_dir`) in a child process on 127.0.0.1:<free port>: the clients
     then do not share this process's interpreter lock with the server."""
     from wings.builder import build_tiny, save
@@ -166,7 +166,7 @@ def local_server(model_dir: str | None, max_batch_size: int):
             model_dir = str(save(*build_tiny(seed=0), tmp))
         cmd = [sys.executable, "-m", "wings.cli", "serve", model_dir, "--port", "0", "--served-model-name", "bench",
                "--max-batch-size", str(max_batch_size), "--max-queue", "1024", "--device", "cpu",
-               "--dtype", "float32", "--log-level", "warning", "--no-ui"]
+               "--dtype", "float32", "--log-level", "warning", "--no-ui", "--threads", str(threads)]
         proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True)
         try:
             url = None
@@ -197,11 +197,16 @@ def main() -> None:
     p.add_argument("--max-tokens", type=int, default=32)
     p.add_argument("--max-batch-size", type=int, default=8, help="local server only")
     p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--server-threads", type=int, default=1,
+                   help="torch CPU threads of the local server (1: the tiny model gains nothing from more, and on a "
+                        "shared machine two threads wait on each other at every operation)")
     args = p.parse_args()
     headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}
     bodies = build_requests(args.clients * args.requests_per_client, args.max_tokens)
-    server = contextlib.nullcontext((args.url, args.model, None)) if args.url else local_server(args.model_dir,
-                                                                                                      args.max_batch_size)
+    if args.url:
+        server = contextlib.nullcontext((args.url, args.model, None))
+    else:
+        server = local_server(args.model_dir, args.max_batch_size, args.server_threads)
     with server as (url, model, pid):
         if model is None:
             model = requests.get(url + "/v1/models", headers=headers, timeout=30).json()["data"][0]["id"]

@@ -59,6 +59,7 @@ def test_serve_command_answers_and_stops_on_ctrl_c(wings_dir, image_urls):
 @pytest.mark.parametrize("args,message", [
     (["{dir}", "--max-batch-size", "0"], "--max-batch-size must be at least 1, got 0"),
     (["{dir}", "--port", "70000"], "--port must be between 0 and 65535"),
+    (["{dir}", "--threads", "0"], "--threads must be at least 1, got 0"),
     (["{dir}/nope"], "is not a directory"),
     (["{dir}", "--compare", "{dir}/nope"], "--compare"),
     (["{dir}", "--allow-local-images", "{dir}/nope"], "--allow-local-images"),

@@ -20,6 +20,8 @@ def register(sub) -> None:
     p.add_argument("--port", type=int, default=8000, help="port (0: any free port)")
     p.add_argument("--device", default="auto", help="auto (CUDA, then MPS, then CPU), cpu, cuda, cuda:1, mps")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
+    p.add_argument("--threads", type=int, default=None, metavar="N",
+                   help="CPU threads for torch (default: torch's choice); 1 suits small models and shared machines")
     p.add_argument("--max-batch-size", type=int, default=8, metavar="N",
                    help="most requests run together in one batched generate")
     p.add_argument("--max-queue", type=int, default=64, metavar="N",
@@ -48,6 +50,8 @@ def check_args(args) -> None:
     """Every flag checked before a model is loaded, each problem one line naming the flag."""
     if not 0 <= args.port <= 65535:
         raise CLIError(f"--port must be between 0 and 65535, got {args.port}")
+    if args.threads is not None and args.threads < 1:
+        raise CLIError(f"--threads must be at least 1, got {args.threads}")
     for flag in ("max_batch_size", "max_queue", "max_images", "default_max_tokens"):
         if getattr(args, flag) < 1:
             raise CLIError(f"--{flag.replace('_', '-')} must be at least 1, got {getattr(args, flag)}")
@@ -86,6 +90,10 @@ def run(args) -> int:
                            else None, allow_remote_images=args.allow_remote_images,
                            default_max_tokens=args.default_max_tokens)
     sock = bind(args.host, args.port)  # fail on a busy port before spending time on loading
+    if args.threads is not None:
+        import torch
+
+        torch.set_num_threads(args.threads)
     hf_logging.disable_progress_bar()
     models = [ServedModel.load(args.model_dir, args.served_model_name, args.device, args.dtype, policy)]
     if args.compare:
