@@ -218,7 +218,7 @@ def test_screenshot_of_the_compare_page(browser, wings_pair, llava_pair, image_f
         pairs = [("wings", ServedModel.load(wings_dir, device="cpu", dtype="float32")),
                  ("llava", ServedModel.load(baseline_dir, device="cpu", dtype="float32"))]
         pairs = [(name, (m.model, m.processor)) for name, m in pairs]
-        question, image = "What is the shape in the image?", image_files[0]
+        question, image = "what is the red shape?", image_files[0]  # easy-vqa test image 0: a red triangle
     else:
         pairs, question, image = [("tiny-wings", wings_pair), ("tiny-llava", llava_pair)], "what shape?", image_files[0]
     target = Path(out) if out else tmp_path / "compare.png"
