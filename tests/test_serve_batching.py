@@ -81,8 +81,8 @@ def test_a_disconnected_client_leaves_its_batch(wings_pair, image_urls):
         scheduler = server.schedulers["tiny"]
         client = openai.OpenAI(base_url=url + "/v1", api_key="-", max_retries=0, timeout=300)
         stay = {"messages": user("and this?", image_urls[1]), "max_tokens": 60}
-        # alone, this one runs all 60 steps (no end-of-sequence), so its client hangs up while its row runs
-        leave = {"model": "tiny", "messages": user("what shape is this?", image_urls[0]), "max_tokens": 60,
+        # alone, this one runs all 200 steps (no end-of-sequence), so its client hangs up while its row runs
+        leave = {"model": "tiny", "messages": user("what shape is this?", image_urls[0]), "max_tokens": 200,
                  "stream": True}
         assert ask(client, {k: v for k, v in leave.items() if k not in ("model", "stream")}, False)[1] == "length"
         scheduler.pause()
@@ -99,7 +99,10 @@ def test_a_disconnected_client_leaves_its_batch(wings_pair, image_urls):
                 break  # the first piece of the answer arrived, so its row is running: now hang up
         leaver.close()
         stayer.join(300)
-        assert server.schedulers["tiny"].stats()["cancelled_rows"] == 1, server.schedulers["tiny"].stats()
+        deadline = time.monotonic() + 60  # the wave ends once the scheduler has seen the hang-up (counted then)
+        while scheduler.stats()["cancelled_rows"] == 0 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert scheduler.stats()["cancelled_rows"] == 1, scheduler.stats()
         assert kept["answer"] == ask(client, stay, stream=False)  # the other row never noticed
         assert ask(client, {"messages": user("hi"), "max_tokens": 2}, stream=False)[1] in ("length", "stop")
 
