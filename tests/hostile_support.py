@@ -80,7 +80,7 @@ def train_args(model, data, out, *extra, config: str = "wings_stage1", steps: in
 
 def strip_png(path: Path, width: int = 100_000) -> Path:
     """A valid PNG of width x 1 pixels: a few hundred bytes, 10^10 pixels once padded to a square."""
-    Image.new("L", (width, 1)).save(path)
+    Image.new("L", (width, 1)).save(path, format="PNG")
     return path
 
 

@@ -72,6 +72,8 @@ def read_json(path: str | Path, what: str):
     except json.JSONDecodeError as err:
         raise ValueError(f"{what} {path} is not valid JSON: {err.msg} at line {err.lineno} "
                          f"column {err.colno}") from None
+    except RecursionError:
+        raise ValueError(f"{what} {path} holds JSON nested too deeply to parse") from None
 
 
 # ---------------------------------------------------------------------------------------------------------------

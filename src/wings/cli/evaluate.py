@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 
+from . import CLIError
 from .args import check_device, positive_int
 
 
@@ -32,7 +33,7 @@ def run(args) -> int:
     from rich.console import Console
     from rich.table import Table
 
-    from ..evaluation.models import load_eval_model
+    from ..evaluation.models import load_eval_model, model_type_of
     from ..evaluation.runner import evaluate_task, load_tasks, result_paths, write_results
     from ..paths import Output, check_output_file, guard_outputs
 
@@ -41,6 +42,10 @@ def run(args) -> int:
     out = check_output_file(args.out, "--out")
     guard_outputs([Output("--out", p) for p in result_paths(out, tasks)],
                   [("MODEL_DIR", args.model_dir)] + [("--task", t.path) for t in tasks])
+    with_images = [t.name for t in tasks if t.has_images]
+    if with_images and model_type_of(args.model_dir, "MODEL_DIR") != "wings":  # decided before loading anything
+        raise CLIError(f"MODEL_DIR {args.model_dir} is a text-only language model, but task(s) {with_images} have "
+                       "images; score those with a Wings model")
     em = load_eval_model(args.model_dir, device=args.device, dtype=args.dtype, label=args.label, what="MODEL_DIR")
     results = [evaluate_task(em, t, args.batch_size, args.max_new_tokens, args.length_normalised) for t in tasks]
     summary = write_results(em, results, args.out, settings_of(args))

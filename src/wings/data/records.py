@@ -64,6 +64,8 @@ def iter_raw_records(path: str | Path) -> Iterator[tuple[str, object]]:
                 except json.JSONDecodeError as e:
                     bad = BadRecord("malformed_json", f"invalid JSON ({e.msg} at column {e.colno})")
                     yield where(path, line=n), bad
+                except RecursionError:
+                    yield where(path, line=n), BadRecord("malformed_json", "JSON nested too deeply to parse")
         return
     text = read_text(path, "data file")
     try:
@@ -71,6 +73,8 @@ def iter_raw_records(path: str | Path) -> Iterator[tuple[str, object]]:
     except json.JSONDecodeError as e:
         hint = " (one record per line? name the file .jsonl)" if "Extra data" in e.msg else ""
         raise ValueError(f"data file {path} is not valid JSON: {e.msg} at line {e.lineno}{hint}") from e
+    except RecursionError:
+        raise ValueError(f"data file {path} holds JSON nested too deeply to parse") from None
     if not isinstance(data, list):
         raise ValueError(f"data file {path} holds a JSON {type(data).__name__}, expected a list of records")
     for i, raw in enumerate(data):
@@ -88,8 +92,9 @@ def _image_list(raw: dict) -> list[str]:
     if value is None:
         return []
     items = [value] if isinstance(value, str) else value
-    if not isinstance(items, list) or not all(isinstance(x, str) and x.strip() for x in items):
-        raise BadRecord("bad_fields", f"`image`/`images` must be a non-empty path or a list of them, got {value!r}")
+    if not isinstance(items, list) or not all(isinstance(x, str) and x.strip() and "\x00" not in x for x in items):
+        shown = repr(value) if len(repr(value)) <= 200 else repr(value)[:200] + "..."
+        raise BadRecord("bad_fields", f"`image`/`images` must be a non-empty path or a list of them, got {shown}")
     return items
 
 

@@ -15,6 +15,8 @@ from pathlib import Path
 
 from PIL import Image
 
+from ..data.records import check_image
+from ..data.report import BadRecord
 from ..images import ImageError, open_image
 from ..paths import require_file
 from ..processing import IMAGE_TOKEN
@@ -85,6 +87,8 @@ def load_task(path: str | Path, name: str | None = None) -> Task:
                 record = json.loads(line)
             except json.JSONDecodeError as err:
                 raise TaskError(f"{where}: not valid JSON ({err.msg})") from None
+            except RecursionError:
+                raise TaskError(f"{where}: JSON nested too deeply to parse") from None
             item = parse_record(record, path.parent, where)
             if item.id in seen:
                 raise TaskError(f"{where} (id {item.id!r}): duplicate id, first seen on line {seen[item.id]}")
@@ -171,13 +175,17 @@ def _images(record: dict, base_dir: Path, fail, question: str) -> list[Path]:
     if "image" in record and "images" in record:
         raise fail("give 'image' or 'images', not both")
     raw = record.get("images", [record["image"]] if "image" in record else [])
-    if not isinstance(raw, list) or not all(isinstance(p, str) and p for p in raw):
+    if not isinstance(raw, list) or not all(isinstance(p, str) and p and "\x00" not in p for p in raw):
         raise fail("'image' must be a path string and 'images' a list of path strings")
     paths = []
     for p in raw:
         full = Path(p) if Path(p).is_absolute() else base_dir / p
         if not full.is_file():
             raise fail(f"unknown image {p!r} (looked for {full})")
+        try:  # size limits on the header and the file's structure, now: not after the model has scored half
+            check_image(full, "verify")
+        except BadRecord as err:
+            raise fail(err.detail) from None
         paths.append(full)
     n_placeholders = question.count(IMAGE_TOKEN)
     if n_placeholders and n_placeholders != len(paths):
