@@ -24,7 +24,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from .errors import Terminated, message_for, sigterm_as_exception
+    from .errors import Terminated, close_progress_bars, message_for, sigterm_as_exception
 
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     args = build_parser().parse_args(argv)
@@ -33,14 +33,17 @@ def main(argv: list[str] | None = None) -> int:
         with sigterm_as_exception():
             return int(args.func(args) or 0)
     except KeyboardInterrupt:
+        close_progress_bars()
         print(f"wings {name}: interrupted{getattr(args, 'interrupt_hint', '')}", file=sys.stderr)
         return 130
     except Terminated as stop:
+        close_progress_bars()
         print(f"wings {name}: terminated (SIGTERM){getattr(args, 'interrupt_hint', '')}", file=sys.stderr)
         return int(stop.code)
     except Exception as err:  # known kinds become one line (wings.cli.errors); anything else is a bug: traceback
         message = message_for(err)
         if message is None:
             raise
+        close_progress_bars()
         print(f"wings {name}: error: {message}", file=sys.stderr)
         return 2

@@ -80,6 +80,20 @@ def message_for(err: BaseException) -> str | None:
     return None
 
 
+def close_progress_bars() -> None:
+    """End any progress bar an exception left open (HF's training bar, a scan bar), so the message that follows
+    starts on a line of its own instead of after the bar's last `\r` state."""
+    try:
+        from tqdm import tqdm
+    except ImportError:  # pragma: no cover
+        return
+    for bar in list(getattr(tqdm, "_instances", [])):
+        try:
+            bar.close()
+        except Exception:  # noqa: BLE001  (a bar in a broken state must not hide the real error)
+            pass
+
+
 class Terminated(SystemExit):
     """SIGTERM, raised in the main thread so `finally` blocks (temp file clean-up) run as on Ctrl-C."""
 
