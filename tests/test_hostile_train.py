@@ -213,6 +213,15 @@ def test_a_rerun_with_other_settings_or_data_is_refused_naming_them(finished_run
     assert snapshot(run) == before  # train_config.yaml and data_report.json still describe the old run
 
 
+def test_a_moved_but_identical_data_file_or_model_is_the_same_run(finished_run, tmp_path, capsys, tiny_model_dir):
+    run = copy_dir(finished_run, tmp_path / "run")
+    data = write_json(tmp_path / "moved" / "train.json", json.loads(train_data().read_text()))
+    data.write_bytes(train_data().read_bytes())  # byte-identical copy elsewhere
+    model = copy_dir(tiny_model_dir, tmp_path / "moved_model")
+    out = assert_ok(rerun(capsys, model, run, data=data)).out
+    assert "nothing to do, the run finished at step 2" in out
+
+
 def _retarget(run: Path, data: Path | None, model: Path | None = None) -> Path:
     """Make the copied run's recorded identity point at a copy of its data / model (same content)."""
     from wings.training.identity import IDENTITY_FILE

@@ -55,12 +55,6 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
         raise
 
 
-def write_bytes_atomic(path: str | Path, data: bytes) -> Path:
-    with atomic_path(path) as tmp:
-        tmp.write_bytes(data)
-    return Path(path)
-
-
 def write_text_atomic(path: str | Path, text: str) -> Path:
     with atomic_path(path) as tmp:
         tmp.write_text(text, encoding="utf-8")
@@ -116,7 +110,3 @@ def atomic_dir(target: str | Path) -> Iterator[Path]:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
 
-
-def is_temp_name(name: str) -> bool:
-    """Names this module (and HF's atomic saves) use for unfinished writes."""
-    return name.startswith(".") and (name.endswith(".tmp") or ".tmp-" in name or ".old-" in name)

@@ -6,7 +6,8 @@ Not part of the identity (changing them between a run and its resume is fine): o
 overwrite, logging and checkpointing cadence (report_to, logging_steps, save_steps, save_total_limit),
 data.num_workers, gradient_checkpointing (same math), ddp_backend.
 
-Fingerprints: data files are hashed whole (sha256); images are named by the records, not hashed. Model weights
+Fingerprints: data files are hashed whole (sha256), and a data file or start model that moved but kept its content
+is the same run; images are named by the records, not hashed (so data.image_root is compared as a path). Model weights
 are fingerprinted by size plus sha256 of their first, middle and last MiB (a retrained model changes every
 tensor; hashing tens of GB at every start would not be worth it); config.json is hashed whole.
 """
@@ -91,13 +92,17 @@ def run_identity(config: TrainConfig, custom_data: str | None = None) -> dict:
 
 
 def differences(old: dict, new: dict) -> list[str]:
-    """Human-readable changes from `old` to `new` (empty when they are the same run)."""
+    """Human-readable changes from `old` to `new` (empty when they are the same run). The data files and the start
+    model are compared by content: moved or renamed but identical, they are the same run."""
     changes = []
     old_s, new_s = old.get("settings", {}), new.get("settings", {})
-    for key in sorted(set(old_s) | set(new_s)):
-        if old_s.get(key) != new_s.get(key):
-            changes.append(f"{key} {_short(old_s.get(key))} -> {_short(new_s.get(key))}")
     old_d, new_d = old.get("data_sha256", {}), new.get("data_sha256", {})
+    same_content = {key for key in old_d if old_d.get(key) and old_d.get(key) == new_d.get(key)}
+    if old.get("model_fingerprint") and old.get("model_fingerprint") == new.get("model_fingerprint"):
+        same_content.add("model.path")
+    for key in sorted(set(old_s) | set(new_s)):
+        if old_s.get(key) != new_s.get(key) and key not in same_content:
+            changes.append(f"{key} {_short(old_s.get(key))} -> {_short(new_s.get(key))}")
     for key in sorted(set(old_d) | set(new_d)):
         if old_d.get(key) != new_d.get(key) and old_s.get(key) == new_s.get(key):
             changes.append(f"the contents of {key} changed (sha256 {_short(old_d.get(key))} -> "
