@@ -8,7 +8,8 @@ import os
 import sys
 
 # Subcommand modules, in the order `wings --help` lists them.
-COMMANDS = ["init_model", "smoke", "train", "evaluate", "forgetting", "iit", "laws", "chat", "convert_official", "demo"]
+COMMANDS = ["init_model", "smoke", "train", "evaluate", "forgetting", "iit", "laws", "chat", "convert_official",
+            "serve", "demo"]
 
 
 class CLIError(Exception):
