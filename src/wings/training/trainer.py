@@ -7,7 +7,6 @@ checkpoints and resume, DDP / DeepSpeed / FSDP, logging) is the stock Trainer's.
 from __future__ import annotations
 
 import json
-import os
 import re
 import shutil
 from pathlib import Path
@@ -158,27 +157,27 @@ def save_final_atomic(trainer: Trainer, processor, final_dir: str | Path) -> Pat
     """Write model (+ processor) to a temp dir next to `final_dir`, then rename it into place.
 
     Every rank calls this (DeepSpeed ZeRO-3 and FSDP gather weights collectively in `save_model`); only the
-    main process writes and renames.
+    main process writes and renames. A failure (a full disk, Ctrl-C) removes the temp dir and leaves the previous
+    `final_dir`, if any, untouched.
     """
+    from ..atomic import replace_dir
+
     final_dir = Path(final_dir)
     tmp = final_dir.with_name(f".{final_dir.name}.tmp")
     if trainer.args.should_save and tmp.exists():
         shutil.rmtree(tmp)
     trainer.accelerator.wait_for_everyone()
-    prepare_final_save(trainer)
-    trainer.save_model(str(tmp))
-    if trainer.args.should_save:
-        if processor is not None:
-            processor.save_pretrained(str(tmp))
-        # The training arguments HF drops into the folder are for resuming, not for loading the model.
-        (tmp / "training_args.bin").unlink(missing_ok=True)
-        old = final_dir.with_name(f".{final_dir.name}.old")
-        if final_dir.exists():
-            if old.exists():
-                shutil.rmtree(old)
-            os.replace(final_dir, old)
-        os.replace(tmp, final_dir)
-        if old.exists():
-            shutil.rmtree(old)
+    prepare_final_save(trainer)  # gather a full state dict under sharded FSDP (engines.py)
+    try:
+        trainer.save_model(str(tmp))
+        if trainer.args.should_save:
+            if processor is not None:
+                processor.save_pretrained(str(tmp))
+            # The training arguments HF drops into the folder are for resuming, not for loading the model.
+            (tmp / "training_args.bin").unlink(missing_ok=True)
+            replace_dir(tmp, final_dir)
+    finally:
+        if trainer.args.should_save and tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
     trainer.accelerator.wait_for_everyone()
     return final_dir
