@@ -6,6 +6,7 @@
 #      time ratios of every variant interleaved in one process at B8 x 2048, then peak memory, one process per
 #      variant (llava, wings, wings with learner recompute);                                      ~4 min
 #   3. decode at that width, one 576-token image, 128 new tokens, batch 1 and 8, against HF Llava;   ~2 min
+#   4. scale-out (issue 14): scripts/gpu_scaleout_check.sh (DDP, ZeRO-2/3, FSDP2 on NCCL; GPU only);  ~2-3 min
 # Each step has its own time limit, so one stuck step cannot eat the lease.
 #
 #   bash scripts/gpu_check.sh            # from the repository root, with the package importable
@@ -41,4 +42,7 @@ step "training step, memory (one process per variant)" $PY benchmarks/bench_trai
     --precision $PREC $WIDTH $TRAIN_SHAPE --rank 64 --repeats $REPEATS --variants llava,wings,wings+recompute
 step "decode, batch 1" $PY benchmarks/bench_generate.py $DEV $WIDTH $DECODE --batch 1
 step "decode, batch 8" $PY benchmarks/bench_generate.py $DEV $WIDTH $DECODE --batch 8
+if [ "$PREC" = bf16 ]; then  # a GPU: the scale-out engines on NCCL (the CPU suite covers them on gloo)
+    step "scale-out (issue 14)" bash scripts/gpu_scaleout_check.sh
+fi
 exit $status
