@@ -9,6 +9,7 @@ import torch
 
 from conftest import randomize_wings_
 from wings.modeling.buffers import ColumnBuffer
+from wings.modeling.router import RouterProbe, router_mask, router_probe_fusable
 
 PROMPT_LAYOUTS = (["t4", "i", "t9"], ["t3", "i", "t6", "i", "t2"], ["t12"])
 
@@ -114,20 +115,25 @@ def test_decoding_with_shared_probabilities_equals_reference(make_tiny, router):
 
     def decode(fused: bool):
         model.wings_kernels.fused_router = fused
-        cache, mask, logits, record = None, batch["attention_mask"], [], {}
+        cache, mask, logits, records = None, batch["attention_mask"], [], []
         with torch.no_grad():
             out = model(**batch, use_cache=True)
             cache = out.cache
             for t in range(steps.shape[1]):
                 mask = torch.cat([mask, torch.ones(3, 1, dtype=mask.dtype)], dim=1)
+                records.append({})
                 out = model(input_ids=steps[:, t:t + 1], attention_mask=mask, cache=cache, use_cache=True,
-                            wings_record=record)
+                            wings_record=records[-1])
                 logits.append(out.logits[:, -1])
-        return torch.stack(logits), record
+        return torch.stack(logits), records
 
     (a, rec_a), (b, rec_b) = decode(True), decode(False)
     assert (a - b).abs().max() <= 1e-5 * max(1.0, b.abs().max().item())
-    assert all((rec_a[k] - rec_b[k]).abs().max() <= 1e-5 for k in rec_b)
+    assert len(rec_a) == len(rec_b) == steps.shape[1]
+    for step_a, step_b in zip(rec_a, rec_b, strict=True):  # every decoding step, every layer with a router
+        assert step_a and step_a.keys() == step_b.keys()
+        for layer in step_b:
+            assert (step_a[layer] - step_b[layer]).abs().max() <= 1e-5, layer
 
 
 def test_fused_lowrank_projections_equal_separate(make_tiny):
@@ -169,6 +175,62 @@ def test_column_buffer_appends_in_place_and_keeps_order():
     grad = ColumnBuffer(torch.zeros(1, 2, requires_grad=True), dim=1)
     grad.append(torch.ones(1, 1))
     assert grad.view.requires_grad and grad.view.shape == (1, 3)  # autograd: functional concatenation
+
+
+def probe_case(T: int = 1):
+    """Random attention inputs (4 query heads over 2 KV heads, row 0 left-padded by 2 columns) and router values;
+    the 2-D key mask a flash kernel gets, and the probe's own [B, 1, T, S] mask."""
+    gen = torch.Generator().manual_seed(3)
+    B, H, Hkv, S, D, C = 2, 4, 2, 6, 8, 2
+    q, k, v = (torch.randn(B, h, n, D, generator=gen) for h, n in ((H, T), (Hkv, S), (Hkv, S)))
+    valid = torch.ones(B, S, dtype=torch.bool)
+    valid[0, :2] = False
+    key_positions = (valid.long().cumsum(1) - 1).clamp(min=0)
+    query_positions = key_positions[:, -T:]
+    return (q, k, v), torch.randn(B, S, C, generator=gen), valid, router_mask(query_positions, key_positions, valid)
+
+
+def fake_flash(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+    """Stands in for a kernel with its own mask conventions (here: a 2-D key mask, or none); [B, T, H, D] out."""
+    mask = attention_mask[:, None, None, :] if torch.is_tensor(attention_mask) else None
+    out = torch.nn.functional.scaled_dot_product_attention(query, key, value, attn_mask=mask, scale=scaling,
+                                                           enable_gqa=True)
+    return out.transpose(1, 2), None
+
+
+@pytest.mark.parametrize("base_impl, mask_kind", [("flash_attention_2", "2d"), ("flash_attention_2", "none"),
+                                                  ("flex_attention", "object")])
+def test_router_probe_falls_back_for_other_kernels_and_masks(base_impl, mask_kind):
+    """A kernel other than sdpa/eager, or a mask that is not a 4-D tensor (FA2's [B, S], flex's BlockMask), takes
+    the reference path (the kernel itself, then a separate router pass): same output and summary as asking for
+    the reference."""
+    (q, k, v), values, valid, probe_mask = probe_case()
+    attention_mask = {"2d": valid, "none": None, "object": object()}[mask_kind]
+    assert not router_probe_fusable(base_impl, attention_mask, {})
+    results = []
+    for fused in (True, False):
+        probe = RouterProbe(values, lambda: probe_mask, "sdpa", fused=fused)
+        out, _ = probe.attend(base_impl, fake_flash, None, q, k, v, attention_mask, None, 0.0)
+        results.append((out, probe.summary))
+    (out, summary), (ref_out, ref_summary) = results
+    assert torch.equal(out, ref_out) and torch.equal(summary, ref_summary)
+    expected, _ = fake_flash(None, q, k, v, attention_mask)
+    assert (out - expected).abs().max() < 1e-6
+
+
+@pytest.mark.parametrize("base_impl, mask, kwargs, fusable", [
+    ("sdpa", None, {}, True),
+    ("sdpa", torch.ones(2, 1, 1, 6, dtype=torch.bool), {}, True),
+    ("eager", torch.zeros(2, 1, 1, 6), {}, True),
+    ("sdpa", torch.ones(2, 6, dtype=torch.bool), {}, False),
+    ("flash_attention_2", None, {}, False),
+    ("flex_attention", object(), {}, False),
+    ("eager", torch.zeros(2, 1, 1, 6), {"softcap": 30.0}, False),
+    ("eager", torch.zeros(2, 1, 1, 6), {"s_aux": torch.zeros(4)}, False),
+    ("sdpa", None, {"softcap": None, "sliding_window": None}, True),
+])
+def test_router_probe_dispatch_decision(base_impl, mask, kwargs, fusable):
+    assert router_probe_fusable(base_impl, mask, kwargs) is fusable
 
 
 def test_inference_keeps_fused_weights_only_while_they_are_unchanged(make_tiny):

@@ -21,6 +21,8 @@ A padding query (and any query that sees no key at all) gets a zero summary on e
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -42,10 +44,6 @@ class WingsRouter(nn.Module):
         super().__init__()
         self.router_type = router_type
         self.linear = nn.Linear(width, 2)
-
-    @property
-    def channels(self) -> int:
-        return 3 if self.router_type == "segment" else 2
 
     def value_matrix(self, key_positions: torch.Tensor, key_segments: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         """Per-key values U [B, S, C] such that `sum_h P_h @ U` is the router's pre-bias input."""
@@ -85,11 +83,27 @@ def router_mask(query_positions: torch.Tensor, key_positions: torch.Tensor, key_
     return (key_valid[:, None, :] & (key_positions[:, None, :] <= query_positions[:, :, None]))[:, None]
 
 
+# Base kernels whose mask conventions the fused paths share: a 4-D [B, 1, T, S] tensor mask (bool for SDPA,
+# additive for eager) or None for plain causal. Any other (flash: a 2-D [B, S] key mask; flex: a BlockMask; ...)
+# runs as itself, followed by the reference router pass.
+FUSABLE_BASES = ("sdpa", "eager")
+# Kernel arguments that change the scores: the fused paths do not implement them.
+SCORE_KWARGS = ("softcap", "s_aux", "sinks")
+
+
+def router_probe_fusable(base_impl: str, attention_mask: object, kwargs: dict) -> bool:
+    """Whether the router summary may come out of the main attention call itself (value channels, shared
+    probabilities) rather than from a separate reference pass."""
+    return (base_impl in FUSABLE_BASES
+            and (attention_mask is None or (torch.is_tensor(attention_mask) and attention_mask.dim() == 4))
+            and all(kwargs.get(name) is None for name in SCORE_KWARGS))
+
+
 class RouterProbe:
     """Carries the router's per-key values into the attention function and its summary back out."""
 
-    def __init__(self, values: torch.Tensor, mask_fn, impl: str, fused: bool = True, plain_causal=lambda: False,
-                 padding_queries: torch.Tensor | None = None):
+    def __init__(self, values: torch.Tensor, mask_fn: Callable[[], torch.Tensor], impl: str, fused: bool = True,
+                 plain_causal: Callable[[], bool] = lambda: False, padding_queries: torch.Tensor | None = None):
         self.values = values  # [B, S, C]
         self.padding_queries = padding_queries  # [B, T, 1] bool: they get a zero summary on every path
         self.mask_fn = mask_fn  # () -> [B, 1, T, S] router mask; only the reference paths build it
@@ -98,8 +112,11 @@ class RouterProbe:
         self.plain_causal = plain_causal  # () -> bool: keys == queries at positions 0..T-1, all valid
         self.summary: torch.Tensor | None = None  # [B, T, C] once the attention ran
 
-    def attend(self, base_impl: str, base_fn, module, query, key, value, attention_mask, scaling, dropout, **kwargs):
-        """The layer's attention (as `base_fn` computes it) plus the router summary; returns base_fn's output."""
+    def attend(self, base_impl: str, base_fn: Callable, module: nn.Module | None, query: torch.Tensor,
+               key: torch.Tensor, value: torch.Tensor, attention_mask: object, scaling: float | None, dropout: float,
+               **kwargs) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The layer's attention (as `base_fn` computes it) plus the router summary; returns base_fn's output.
+        query [B, H, T, D], key/value [B, Hkv, S, D]; `attention_mask` as the base kernel takes it."""
         out = self._attend(base_impl, base_fn, module, query, key, value, attention_mask, scaling, dropout, **kwargs)
         if self.padding_queries is not None:  # what a padding query "sees" depends on the kernel's mask conventions
             self.summary = self.summary.masked_fill(self.padding_queries, 0.0)
@@ -110,7 +127,7 @@ class RouterProbe:
         if key.shape[2] != self.values.shape[1]:
             raise RuntimeError(f"router probe: attention saw {key.shape[2]} keys but the router has values for "
                                f"{self.values.shape[1]}; the learner cache is out of step with the KV cache")
-        if self.fused and self.impl != "eager":
+        if self.fused and self.impl != "eager" and router_probe_fusable(base_impl, attention_mask, kwargs):
             T, S = query.shape[2], key.shape[2]
             if base_impl == "eager" and dropout == 0.0:  # the stock eager kernel returns its probabilities
                 out, probs = base_fn(module, query, key, value, attention_mask, scaling=scaling, dropout=0.0, **kwargs)
