@@ -161,20 +161,74 @@ def test_learner_recompute_inside_gradient_checkpointing(make_tiny):
 
 
 def test_column_buffer_appends_in_place_and_keeps_order():
-    buf = ColumnBuffer(torch.arange(6).view(2, 3), dim=1)
-    for k in range(5):
-        buf.append(torch.full((2, 1), 10 + k))
-    assert buf.length == 8 and buf.capacity >= 8
-    assert buf.view.tolist() == [[0, 1, 2, 10, 11, 12, 13, 14], [3, 4, 5, 10, 11, 12, 13, 14]]
-    storage = buf.storage
-    buf.truncate(4)
-    buf.append(torch.full((2, 1), 99))
-    assert buf.storage is storage and buf.view[:, -1].tolist() == [99, 99]  # reused, not reallocated
-    buf.select_batch(torch.tensor([1, 1]))
-    assert buf.view.tolist() == [[3, 4, 5, 10, 99]] * 2
+    first = torch.arange(6).view(2, 3)
+    with torch.no_grad():  # an inference cache: in place, spare capacity
+        buf = ColumnBuffer(first, dim=1)
+        for k in range(5):
+            buf.append(torch.full((2, 1), 10 + k))
+        assert buf.length == 8 and buf.capacity >= 8
+        assert buf.view.tolist() == [[0, 1, 2, 10, 11, 12, 13, 14], [3, 4, 5, 10, 11, 12, 13, 14]]
+        storage = buf.storage
+        buf.truncate(4)
+        buf.append(torch.full((2, 1), 99))
+        assert buf.storage is storage and buf.view[:, -1].tolist() == [99, 99]  # reused, not reallocated
+        buf.select_batch(torch.tensor([1, 1]))
+        assert buf.view.tolist() == [[3, 4, 5, 10, 99]] * 2
     grad = ColumnBuffer(torch.zeros(1, 2, requires_grad=True), dim=1)
     grad.append(torch.ones(1, 1))
     assert grad.view.requires_grad and grad.view.shape == (1, 3)  # autograd: functional concatenation
+
+
+def test_column_buffer_never_writes_into_the_callers_tensor():
+    first = torch.arange(6).view(2, 3)
+    with torch.no_grad():
+        buf = ColumnBuffer(first, dim=1)
+        buf.truncate(2)  # (a crop) the next append lands where the caller's last column was
+        buf.append(torch.full((2, 1), 99))
+        buf.view.fill_(-1)
+    assert first.tolist() == [[0, 1, 2], [3, 4, 5]]
+
+
+def test_column_buffer_with_grad_enabled_keeps_what_autograd_saved():
+    """With autograd on, even a tensor that needs no gradient may be saved by an op (a matmul's other input): an
+    append must not modify it in place."""
+    weight = torch.ones(2, 1, requires_grad=True)
+    buf = ColumnBuffer(torch.ones(1, 2), dim=1)
+    losses = []
+    for _ in range(3):
+        losses.append((buf.view @ weight[:buf.length]).sum())  # saves buf.view for weight's gradient
+        buf.append(torch.ones(1, 1))
+        weight = torch.cat([weight, torch.ones(1, 1)])
+    sum(losses).backward()  # "modified by an inplace operation" if an append wrote into a saved storage
+
+
+@pytest.mark.parametrize("router", ["segment", "position"])
+def test_cached_forwards_with_grad_enabled_backpropagate_as_recompute(make_tiny, router):
+    """Prefill and two cached decoding steps with autograd on (no `torch.no_grad`), then one backward: the cache
+    buffers the forwards saved are not overwritten, and the gradients equal a forward without a cache."""
+    model, processor = setup(make_tiny, router=router)
+    batch = padded_batch(processor)
+    steps = torch.randint(10, 300, (3, 2), generator=torch.Generator().manual_seed(2))
+    mask = batch["attention_mask"]
+
+    def grads(loss):
+        model.zero_grad(set_to_none=True)
+        loss.backward()
+        return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    out = model(**batch, use_cache=True)
+    logits = []
+    for t in range(steps.shape[1]):
+        mask = torch.cat([mask, torch.ones(3, 1, dtype=mask.dtype)], dim=1)
+        out = model(input_ids=steps[:, t:t + 1], attention_mask=mask, cache=out.cache, use_cache=True)
+        logits.append(out.logits[:, -1])
+    cached = grads(torch.stack(logits).square().mean())
+    full = model(input_ids=torch.cat([batch["input_ids"], steps], 1), attention_mask=mask,
+                 pixel_values=batch["pixel_values"])
+    recomputed = grads(full.logits[:, -steps.shape[1]:].transpose(0, 1).square().mean())
+    assert cached.keys() == recomputed.keys() and any(".textual." in n for n in cached)
+    for name, grad in recomputed.items():
+        assert (cached[name] - grad).abs().max() <= 1e-4 * max(1e-3, grad.abs().max().item()), name
 
 
 def probe_case(T: int = 1):

@@ -11,18 +11,18 @@ import torch
 
 
 class ColumnBuffer:
-    """`view` is the first `length` entries of `storage` along `dim`; `append` writes after them in place."""
+    """`view` is the first `length` entries of `storage` along `dim`; `append` writes after them in place.
 
-    def __init__(self, first: torch.Tensor, dim: int, capacity: int | None = None):
+    Only without autograd: with gradients on, an earlier forward may have saved a view of the storage for its
+    backward (even a tensor that needs no gradient: the other input of a matmul), so appends stay functional.
+    """
+
+    def __init__(self, first: torch.Tensor, dim: int):
         self.dim = dim
         self._view: torch.Tensor | None = None
         self.length = first.shape[dim]
-        capacity = max(capacity or 0, self.length)
-        if capacity == self.length:
-            self.storage = first
-        else:
-            self.storage = first.new_zeros(_with_size(first.shape, dim, capacity))
-            self.storage.narrow(dim, 0, self.length).copy_(first)
+        # A copy, never the caller's tensor: later appends (after a `truncate`) write into this storage.
+        self.storage = first.clone(memory_format=torch.contiguous_format)
 
     @property
     def view(self) -> torch.Tensor:
@@ -38,7 +38,7 @@ class ColumnBuffer:
     def append(self, new: torch.Tensor) -> None:
         n = new.shape[self.dim]
         needed = self.length + n
-        if new.requires_grad or self.storage.requires_grad:  # autograd may hold the old view: stay functional
+        if torch.is_grad_enabled() or new.requires_grad or self.storage.requires_grad:  # autograd: functional
             self.storage = torch.cat([self.view, new], dim=self.dim)
         elif needed > self.capacity:  # double (at least): amortised O(1) copies per column
             grown = self.storage.new_zeros(_with_size(self.storage.shape, self.dim, max(needed, 2 * self.capacity)))
