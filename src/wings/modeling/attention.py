@@ -59,7 +59,7 @@ def detach_wings(attn: nn.Module) -> nn.Module:
     """Remove the learners, router and hooks; `attn` is then the stock module again."""
     for handle in getattr(attn, "_wings_hooks", ()):
         handle.remove()
-    for name in (*WINGS_PARTS, "_wings_hooks", "wings_layer_idx", "_wings_call", "_wings_concatenated"):
+    for name in (*WINGS_PARTS, "_wings_hooks", "wings_layer_idx", "_wings_call"):
         if hasattr(attn, name):
             delattr(attn, name)
     if isinstance(attn.config, RouterDispatchConfig):
@@ -152,7 +152,8 @@ def learner_delta(attn: nn.Module, hidden: torch.Tensor, state: WingsState, quer
         # w_v B_v a_v + w_t B_t a_t = [w_v a_v | w_t a_t] @ [B_v | B_t]^T: one matmul with 2r inner channels, the
         # router weights applied to r channels instead of d.
         scaled = [a if scales[kind] is None else a * as_dtype(scales[kind], a.dtype) for kind, a in low.items()]
-        up = concatenated(attn, "o_up", [learners[kind].o_proj.up.weight for kind in low], dim=1)  # [d, 2r]
+        owner = learners[next(iter(low))]  # the pair's weights are kept on its first learner
+        up = concatenated(owner, "o_up", [learners[kind].o_proj.up.weight for kind in low], dim=1)  # [d, 2r]
         return _plus(F.linear(torch.cat(scaled, dim=-1), up), anchors)
     delta = None
     for kind, a in low.items():
@@ -176,7 +177,7 @@ def _learner_outputs(attn: nn.Module, learners: dict[str, LoRRALearner], hidden:
     if len(running) == 2 and state.kernels.fused_lowrank:
         # Both queries read h' and share heads and positions: one down matmul, one batched up matmul (identity
         # folded in), one RoPE over the stacked pair.
-        stacked = plus_low_rank_pair(hidden, *(learners[k].q_proj for k in running), True, attn, "q")
+        stacked = plus_low_rank_pair(hidden, *(learners[k].q_proj for k in running), True, learners[running[0]], "q")
         queries = dict(zip(running, learners[running[0]].queries(stacked, query_rope), strict=True))
     else:
         queries = {kind: learners[kind].queries(hidden + learners[kind].q_proj(hidden), query_rope)

@@ -11,6 +11,7 @@ the LLM's own rotary embedding at those positions. A query that sees no key gets
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -40,18 +41,58 @@ class LowRankLinear(nn.Module):
         return self.up(self.down(x))
 
 
-def kept(owner: nn.Module | None, name: str, weights: list[torch.Tensor], build) -> torch.Tensor:
-    """`build(weights)` (a concatenation of weights), kept on `owner` between forwards when no gradient can flow
-    (inference), so that a decoding step neither copies the weights nor pays the calls; rebuilt when any of them
-    changes (in-place updates bump `_version`; a new tensor, device or dtype is a new `data_ptr`)."""
-    if owner is None or torch.compiler.is_compiling() or (
-            torch.is_grad_enabled() and any(w.requires_grad for w in weights)):
+KEPT = "_wings_kept"  # the attribute of a learner that holds its kept weights
+
+
+class KeptWeights(dict):
+    """name -> (sources, built): weights built from other weights, and what they were built from. A copy or a
+    pickle of the module starts empty (its tensors are new: nothing kept would match them)."""
+
+    def __deepcopy__(self, memo) -> KeptWeights:
+        return KeptWeights()
+
+    def __reduce__(self):
+        return KeptWeights, ()
+
+
+def kept(owner: nn.Module | None, name: str, weights: list[torch.Tensor],
+         build: Callable[[list[torch.Tensor]], torch.Tensor]) -> torch.Tensor:
+    """`build(weights)` (a concatenation of weights), kept on `owner` between forwards that record no gradient
+    (inference), so that a decoding step neither copies the weights nor pays the calls.
+
+    Only without autograd: a forward that records gradients builds afresh (it must differentiate through the
+    concatenation, and must never save a tensor built under `torch.inference_mode`). A kept entry is used only
+    while each weight is the same tensor object, over the same storage (a detached alias is kept with the entry,
+    so that storage cannot be freed and its address reused), at the same version (in-place updates: optimizer
+    steps, `load_state_dict`), shape, dtype and device. `LoRRALearner` also drops its entries on `train()`, on
+    `.to()` & co. and on `load_state_dict`. Not under torch.distributed: sharding engines (FSDP, ZeRO-3) refill
+    parameter storage in place without bumping the version."""
+    if (owner is None or torch.is_grad_enabled() or torch.compiler.is_compiling()
+            or any(w.is_inference() for w in weights) or _distributed()):
         return build(weights)
-    key = tuple((w.data_ptr(), w._version) for w in weights)
-    store = owner.__dict__.setdefault("_wings_concatenated", {})
-    if name not in store or store[name][0] != key:
-        store[name] = (key, build(weights))
-    return store[name][1]
+    store = owner.__dict__.get(KEPT)
+    if store is None:
+        store = owner.__dict__[KEPT] = KeptWeights()
+    entry = store.get(name)
+    if entry is None or not _same_sources(entry[0], weights):
+        entry = store[name] = ([(w, w.detach(), w._version) for w in weights], build(weights))
+    return entry[1]
+
+
+def _same_sources(sources: list[tuple[torch.Tensor, torch.Tensor, int]], weights: list[torch.Tensor]) -> bool:
+    return len(sources) == len(weights) and all(
+        held is w and alias.data_ptr() == w.data_ptr() and version == w._version and alias.shape == w.shape
+        and alias.stride() == w.stride() and alias.dtype == w.dtype and alias.device == w.device
+        for (held, alias, version), w in zip(sources, weights, strict=True))
+
+
+def _distributed() -> bool:
+    return torch.distributed.is_available() and torch.distributed.is_initialized()
+
+
+def drop_kept(module: nn.Module, *_) -> None:
+    """Forget `module`'s kept weights (a `load_state_dict` post-hook too, hence the ignored arguments)."""
+    module.__dict__.pop(KEPT, None)
 
 
 def concatenated(owner: nn.Module | None, name: str, weights: list[torch.Tensor], dim: int = 0) -> torch.Tensor:
@@ -86,9 +127,6 @@ class LearnerKeys:
     value: torch.Tensor  # [B, H, N, hd]
     positions: torch.Tensor  # [B, N] true sequence positions
     valid: torch.Tensor  # [B, N] bool; False for padding slots
-
-    def select_batch(self, index: torch.Tensor) -> LearnerKeys:
-        return LearnerKeys(self.key[index], self.value[index], self.positions[index], self.valid[index])
 
 
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -160,6 +198,15 @@ class LoRRALearner(nn.Module):
         self.k_proj = LowRankLinear(hidden_size, hidden_size, rank)
         self.v_proj = LowRankLinear(hidden_size, hidden_size, rank)
         self.o_proj = LowRankLinear(hidden_size, hidden_size, rank)
+        self.register_load_state_dict_post_hook(drop_kept)
+
+    def train(self, mode: bool = True) -> LoRRALearner:
+        drop_kept(self)  # training changes the weights: nothing kept for inference outlives it
+        return super().train(mode)
+
+    def _apply(self, fn, recurse: bool = True):
+        drop_kept(self)  # `.to()`, `.half()`, `.cuda()`: the kept copies would stay behind on the old dtype/device
+        return super()._apply(fn, recurse)
 
     def _heads(self, x: torch.Tensor) -> torch.Tensor:
         """[..., N, d] -> [..., H, N, hd] (a view)."""
