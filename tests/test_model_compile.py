@@ -15,7 +15,7 @@ import easy_vqa
 import pytest
 import torch
 from PIL import Image
-from transformers import CompileConfig
+from transformers import CompileConfig, StaticCache
 
 from conftest import randomize_wings_
 
@@ -132,5 +132,26 @@ def test_compiled_training_forward_and_backward_match_eager(wings_model, padded_
 def test_static_learner_cache_follows_beam_reordering(wings_model, padded_prompts):
     model, _ = wings_model
     kw = dict(num_beams=2, length_penalty=0.0)
-    static = greedy(model, padded_prompts, cache_implementation="static", disable_compile=True, **kw)
-    assert torch.equal(static.sequences, greedy(model, padded_prompts, **kw).sequences)
+    static = greedy(model, padded_prompts, cache_implementation="static", disable_compile=True,
+                    output_scores=True, **kw)
+    dynamic = greedy(model, padded_prompts, output_scores=True, **kw)
+    assert torch.equal(static.sequences, dynamic.sequences)
+    assert (static.sequences_scores - dynamic.sequences_scores).abs().max() < 1e-5
+
+
+def test_reset_static_cache_generates_as_a_fresh_one(wings_model, padded_prompts):
+    """HF's way to reuse a static cache (one compiled step for many requests): `cache.reset()` between calls. The
+    learner cache riding on it is cleared too, so the second call generates what a fresh cache does."""
+    model, _ = wings_model
+    length = padded_prompts["input_ids"].shape[1] + 8
+
+    def fresh() -> StaticCache:
+        return StaticCache(config=model.config.text_config, max_cache_len=length)
+
+    reference = greedy(model, padded_prompts, cache=fresh(), disable_compile=True)
+    cache = fresh()
+    other = {k: v.flip(0) if k != "pixel_values" else v for k, v in padded_prompts.items()}  # a different request
+    other["pixel_values"] = torch.cat([padded_prompts["pixel_values"][1:], padded_prompts["pixel_values"][:1]])
+    greedy(model, other, cache=cache, disable_compile=True)
+    cache.reset()
+    assert_same_generation(greedy(model, padded_prompts, cache=cache, disable_compile=True), reference)

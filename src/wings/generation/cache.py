@@ -51,6 +51,10 @@ class WingsDynamicCache(DynamicCache):
         if learner is not None and learner.key_positions is not None:
             crop_learner_cache(learner, self.get_seq_length())
 
+    def reset(self) -> None:
+        super().reset()
+        self.__dict__.pop("wings_cache", None)  # the next forward starts a new learner cache
+
 
 class WingsStaticCache(StaticCache):
     """A `StaticCache` whose batch and length operations also apply to its (pre-allocated) learner cache."""
@@ -73,6 +77,13 @@ class WingsStaticCache(StaticCache):
         super().crop(tokens_to_remove)
         if self._learner is not None:
             self._learner.truncate(int(self.get_seq_length()))
+
+    def reset(self) -> None:
+        """HF's way to reuse a static cache (and a step compiled against its addresses): clear the learner cache
+        too, in place."""
+        super().reset()
+        if self._learner is not None:
+            self._learner.reset()
 
 
 def _device_of(learner: LearnerCache, fallback: torch.Tensor) -> torch.device:

@@ -16,25 +16,30 @@ this one is for compiled decoding.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
 import torch
+from transformers import Cache, StaticCache
 
 from .kernels import WingsKernels
-from .learner import LearnerKeys, autocast_input, head_broadcast
+from .learner import LearnerKeys, LoRRALearner, autocast_input, head_broadcast
 from .router import SEG_IMAGE, SEG_TEXT_AFTER, SEG_TEXT_BEFORE, check_router_width
+
+if TYPE_CHECKING:
+    from .state import WingsState
 
 KIND_SEGMENTS = {"visual": (SEG_IMAGE,), "textual": (SEG_TEXT_BEFORE, SEG_TEXT_AFTER)}
 
 
-def is_static_cache(cache_obj) -> bool:
-    from transformers import StaticCache
-
+def is_static_cache(cache_obj: Cache) -> bool:
     return isinstance(cache_obj, StaticCache)
 
 
 class StaticLearnerCache:
     """Pre-allocated learner cache aligned with a `StaticCache`'s columns (see the module docstring)."""
 
-    def __init__(self, cache_obj):
+    def __init__(self, cache_obj: StaticCache):
         layers = getattr(cache_obj, "layers", [])
         if any(getattr(layer, "is_sliding", False) for layer in layers):
             raise ValueError("the Wings static learner cache needs full-attention layers (a sliding-window layer "
@@ -56,14 +61,9 @@ class StaticLearnerCache:
             _static(t)
         self.allocated = True
 
-    # The dynamic cache's view of the metadata (generation/cache.py and analysis read these names).
-    key_positions = property(lambda self: self.positions)
-    key_segments = property(lambda self: self.segments)
-    key_valid = property(lambda self: self.valid)
-
     def build_state(self, inputs_embeds: torch.Tensor, is_image: torch.Tensor, valid: torch.Tensor,
                     position_ids: torch.Tensor, rotary_emb, router_impl: str, kernels: WingsKernels,
-                    router_width: int | None):
+                    router_width: int | None) -> WingsState:
         from .state import TokenSet, WingsState, token_segments
 
         B, T = is_image.shape
@@ -89,7 +89,7 @@ class StaticLearnerCache:
         state.memo["columns"] = columns
         return state
 
-    def learner_keys(self, state, layer_idx: int, kind: str, learner) -> LearnerKeys:
+    def learner_keys(self, state: WingsState, layer_idx: int, kind: str, learner: LoRRALearner) -> LearnerKeys:
         """Project this forward's tokens, write them at their columns, return every column (masked by kind)."""
         tokens = state.visual_tokens if kind == "visual" else state.textual_tokens
         new = learner.project_keys(tokens.feats, tokens.positions, tokens.valid, tokens.cos, tokens.sin,
@@ -105,7 +105,7 @@ class StaticLearnerCache:
             state.memo[memo] = self.valid & _in_segments(self.segments, kind)
         return LearnerKeys(key, value, self.positions, state.memo[memo])
 
-    def router_values(self, state, name: str, new_values) -> torch.Tensor:
+    def router_values(self, state: WingsState, name: str, new_values: Callable[[], torch.Tensor]) -> torch.Tensor:
         """[B, L, C]: this forward's rows written at their columns (once per forward for a shared entry)."""
         rows = new_values()  # [B, T, C]
         if name not in self.values:
@@ -114,6 +114,15 @@ class StaticLearnerCache:
             self.values[name].index_copy_(1, state.memo["columns"], rows)
             state.memo[f"values/{name}"] = True
         return self.values[name]
+
+    def reset(self) -> None:
+        """Forget every column, in place (the addresses a compiled step captured stay valid): `StaticCache.reset()`
+        between generations."""
+        if not self.allocated:
+            return
+        for t in (self.positions, self.segments, self.valid, self.seen_image, self.length, *self.values.values(),
+                  *(t for pair in self.keys.values() for t in pair)):
+            t.zero_()
 
     def select_batch(self, index: torch.Tensor) -> None:
         """Reorder samples in place (beam search keeps the batch size; the addresses stay static)."""
