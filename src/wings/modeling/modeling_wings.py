@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 from torch import nn
-from transformers import AutoModel, AutoModelForCausalLM, GenerationMixin, PreTrainedModel
+from transformers import AutoModel, AutoModelForCausalLM, GenerationMixin, PreTrainedConfig, PreTrainedModel
 from transformers.modeling_outputs import CausalLMOutputWithPast
 from transformers.utils.deprecation import deprecate_kwarg
 
@@ -15,6 +17,13 @@ from .kernels import WingsKernels
 from .learner import LowRankLinear
 from .projector import build_projector
 from .state import build_state
+
+if TYPE_CHECKING:
+    from torch.nn.attention.flex_attention import BlockMask
+
+    # What transformers' `create_masks_for_generate` returns: one mask, or one per attention type (full,
+    # sliding); a mask is a tensor, a flex `BlockMask`, or None (the kernel's own causal mask).
+    MaskForGenerate = torch.Tensor | BlockMask | dict[str, torch.Tensor | BlockMask | None] | None
 
 SUPPORTED_VISION = ("siglip_vision_model", "clip_vision_model")
 
@@ -215,7 +224,7 @@ class WingsForConditionalGeneration(WingsPreTrainedModel, GenerationMixin):
         model_kwargs["pixel_values"] = pixel_values
         return input_ids, model_kwargs
 
-    def create_masks_for_generate(self, config, **kwargs):
+    def create_masks_for_generate(self, config: PreTrainedConfig, **kwargs) -> MaskForGenerate:
         # generate pre-builds the decoder's masks for a static cache: build them from the config the decoder itself
         # builds them from (a composed model's `text_config` copy may not carry the attention implementation).
         from transformers.masking_utils import create_masks_for_generate

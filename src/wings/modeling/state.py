@@ -9,7 +9,9 @@ A static (pre-allocated) cache gets a `StaticLearnerCache` instead (static_state
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -17,6 +19,11 @@ from .buffers import ColumnBuffer
 from .kernels import WingsKernels
 from .learner import LearnerKeys, autocast_input, head_broadcast
 from .router import SEG_IMAGE, SEG_PAD, SEG_TEXT_AFTER, SEG_TEXT_BEFORE, check_router_width, segment_values
+
+if TYPE_CHECKING:
+    from transformers import Cache
+
+    from .static_state import StaticLearnerCache
 
 METADATA = ("key_positions", "key_segments", "key_valid")
 
@@ -47,11 +54,6 @@ class LearnerCache:
         self.key_meta: dict[str, tuple[ColumnBuffer, ColumnBuffer]] = {}
         self.columns: dict[str, ColumnBuffer] = {}  # the metadata, then "values/<layer>" router values
         self.seen_image: torch.Tensor | None = None
-
-    @property
-    def keys(self) -> dict[tuple[int, str], LearnerKeys]:
-        """Every cached layer's learner keys (views)."""
-        return {(layer, kind): self._keys(layer, kind) for layer, kind in self.kv}
 
     def _keys(self, layer: int, kind: str) -> LearnerKeys:
         (key, value), (positions, valid) = self.kv[(layer, kind)], self.key_meta[kind]
@@ -109,7 +111,7 @@ class LearnerCache:
             self.columns[name] = ColumnBuffer(new, 1)
         return self.columns[name].view
 
-    def router_values(self, name: str, new_values) -> torch.Tensor:
+    def router_values(self, name: str, new_values: Callable[[], torch.Tensor]) -> torch.Tensor:
         """[B, S, C] per-key router values: the cached columns plus `new_values()` for this forward's tokens."""
         buffer = self.columns.get(f"values/{name}")
         if buffer is not None and buffer.length == self.length:  # already appended in this forward
@@ -142,7 +144,7 @@ class WingsState:
     has_image: torch.Tensor  # [B] bool
     visual_tokens: TokenSet | None
     textual_tokens: TokenSet | None
-    cache: LearnerCache | None = None
+    cache: LearnerCache | StaticLearnerCache | None = None
     router_impl: str = "sdpa"
     record: dict[int, torch.Tensor] | None = None  # layer -> router weights, when analysis asks
     compat_official: dict | None = None  # official-compat extras (see compat.py)
@@ -233,7 +235,7 @@ def token_segments(is_image: torch.Tensor, valid: torch.Tensor, seen_image: torc
     return torch.where(valid, seg, SEG_PAD)
 
 
-def learner_cache_of(cache_obj, kernels: WingsKernels):
+def learner_cache_of(cache_obj: Cache) -> LearnerCache | StaticLearnerCache:
     """The learner cache riding on an HF cache object: created (dynamic or static) at the first forward."""
     from .static_state import StaticLearnerCache, is_static_cache
 
@@ -251,7 +253,7 @@ def build_state(
     attention_mask: torch.Tensor,
     position_ids: torch.Tensor,
     rotary_emb,
-    cache_obj=None,
+    cache_obj: Cache | None = None,
     router_impl: str = "sdpa",
     kernels: WingsKernels | None = None,
     router_width: int | None = None,
@@ -260,7 +262,7 @@ def build_state(
     `router_width`: the position router's column count (positions beyond it are refused), None otherwise."""
     kernels = kernels or WingsKernels()
     valid = attention_mask[:, -is_image.shape[1]:].bool()  # this forward's tokens
-    cache = learner_cache_of(cache_obj, kernels) if cache_obj is not None else None
+    cache = learner_cache_of(cache_obj) if cache_obj is not None else None
     if cache is not None and not isinstance(cache, LearnerCache):  # pre-allocated: no gathers, no growth
         return cache.build_state(inputs_embeds, is_image, valid, position_ids, rotary_emb, router_impl, kernels,
                                  router_width)
