@@ -1,10 +1,23 @@
 """Decode speed of a Wings model with and without the KV (+ learner) cache, and against HF's own LLaVA.
 
-One image + a question, 256 new tokens (EOS suppressed), greedy. Same backbone sizes for every model:
-Qwen2 hidden 256 / 4 layers / vocab ~1000, SigLIP 64 px / patch 8 (64 image tokens). Decode tokens/s is
-255 / (t(256 new tokens) - t(1 new token)), so the prompt's prefill cost cancels out; medians of repeats.
+One image per prompt + a question, greedy, `--batch` prompts at once (each its own easy-vqa image). Every model
+has the same backbone sizes; HF `LlavaForConditionalGeneration` is the baseline. Two methods:
 
-    python benchmarks/bench_generate.py [--repeats 3] [--new-tokens 256] [--threads 1] [--device cuda]
+- `--method steps` (default): both models prefill once, then decoding steps (one cached forward each, greedy)
+  ALTERNATE between them, step by step, in one process: each Wings step has a LLaVA step at the same cache
+  length right beside it, and the ratio is the median over those pairs. On a shared machine, where load moves
+  from second to second, this is far steadier than timing whole generate() calls.
+- `--method generate` (and always for `--cache-impl static`, whose compiled decoding step lives in generate):
+  decode tokens/s = (n - 1) / (t(n new tokens) - t(1 new token)), prefill cancelled, runs interleaved per round.
+
+"per CPU-second" divides by this process's CPU time, the steadier figure when other jobs share the cores.
+
+    python benchmarks/bench_generate.py                          # tiny width (hidden 256, 64 image tokens)
+    python benchmarks/bench_generate.py --hidden 2048 --layers 2 --heads 16 --kv-heads 16 --intermediate 5632 \\
+        --image-size 384 --patch-size 16 --new-tokens 64 --uncached-tokens 4 [--batch 8]
+    python benchmarks/bench_generate.py --cache-impl static [--compile]   # pre-allocated caches (compiled forward)
+
+The no-cache figure recomputes prompt and all tokens at every step (`--uncached-tokens` steps timed).
 """
 
 from __future__ import annotations
@@ -16,12 +29,9 @@ import time
 import easy_vqa
 import torch
 from PIL import Image
-from transformers import LlavaConfig, LlavaForConditionalGeneration
+from transformers import CompileConfig, LlavaConfig, LlavaForConditionalGeneration
 
 from wings.builder import TinySpec, build_tiny
-
-SPEC = TinySpec(hidden=256, layers=4, heads=4, kv_heads=2, intermediate=1024, vocab=1000, image_size=64,
-                patch_size=8, vision_hidden=192, vision_layers=4, max_positions=4096, tie_embeddings=True)
 
 
 def randomize_learners(model: torch.nn.Module, std: float = 0.05) -> None:
@@ -42,68 +52,171 @@ def hf_llava(model) -> LlavaForConditionalGeneration:
     return LlavaForConditionalGeneration(config).eval()
 
 
-def timed_generate(model, batch, new_tokens: int, use_cache: bool) -> tuple[float, float]:
-    """(wall seconds, this process's CPU seconds): on a shared machine the CPU time is the steadier figure."""
-    wall, cpu = time.perf_counter(), time.process_time()
-    with torch.no_grad():
-        out = model.generate(**batch, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
-                             use_cache=use_cache)
-    if out.is_cuda:
-        torch.cuda.synchronize()
-    wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
-    assert out.shape[1] - batch["input_ids"].shape[1] == new_tokens
-    return wall, cpu
+class Run:
+    """One model's generate() settings."""
+
+    def __init__(self, model, use_cache: bool = True, cache_impl: str | None = None, compile_forward: bool = False):
+        self.model, self.use_cache, self.kwargs = model, use_cache, {}
+        if cache_impl is not None:
+            self.kwargs["cache_implementation"] = cache_impl
+        if compile_forward:  # generate compiles the decode step itself on GPUs; on CPU it must be told to
+            config = CompileConfig(fullgraph=False, mode="default")
+            config._compile_all_devices = True
+            self.kwargs["compile_config"] = config
+        elif cache_impl == "static":
+            self.kwargs["disable_compile"] = True
+
+    def __call__(self, batch, new_tokens: int) -> tuple[float, float]:
+        """(wall seconds, this process's CPU seconds)."""
+        wall, cpu = time.perf_counter(), time.process_time()
+        with torch.no_grad():
+            out = self.model.generate(**batch, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
+                                      use_cache=self.use_cache, **self.kwargs)
+        if out.is_cuda:
+            torch.cuda.synchronize()
+        wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
+        assert out.shape[1] - batch["input_ids"].shape[1] == new_tokens
+        return wall, cpu
 
 
-def decode_rates(runs: dict, batch, new_tokens: int, repeats: int) -> dict[str, tuple[float, float]]:
-    """Median decode tokens/s (wall, CPU) per run, prefill subtracted; the runs are interleaved per repeat so
-    that load from other processes hits them alike."""
+def decode_rates(runs: dict[str, Run], batch, new_tokens: int, repeats: int) -> dict[str, list[tuple[float, float]]]:
+    """Per round, decode tokens/s per sequence (wall, CPU) of every run, prefill subtracted; the runs are
+    interleaved per round (alternating order) so that load from other processes hits them alike."""
     samples: dict[str, list[tuple[float, float]]] = {name: [] for name in runs}
-    for model, use_cache in runs.values():
-        timed_generate(model, batch, 4, use_cache)  # warm-up
-    for _ in range(repeats):
-        for name, (model, use_cache) in runs.items():
-            first = timed_generate(model, batch, 1, use_cache)
-            full = timed_generate(model, batch, new_tokens, use_cache)
+    for run in runs.values():
+        run(batch, min(4, new_tokens))  # warm-up (and compilation)
+    names = list(runs)
+    for r in range(repeats):
+        for name in names if r % 2 == 0 else names[::-1]:
+            first = runs[name](batch, 1)
+            full = runs[name](batch, new_tokens)
             samples[name].append(tuple((new_tokens - 1) / (f - s) for f, s in zip(full, first, strict=True)))
-    return {name: tuple(statistics.median(x[i] for x in xs) for i in range(2)) for name, xs in samples.items()}
+    return samples
+
+
+def median_of(samples: list[tuple[float, float]], i: int) -> float:
+    return statistics.median(s[i] for s in samples)
+
+
+def ratio_of(a: list[tuple[float, float]], b: list[tuple[float, float]], i: int) -> float:
+    return statistics.median(x[i] / y[i] for x, y in zip(a, b, strict=True))
+
+
+class Stepper:
+    """One model decoding greedily by hand: prefill once, then one cached forward per `step()`."""
+
+    def __init__(self, model, batch, use_cache: bool = True):
+        self.model, self.use_cache = model, use_cache
+        self.batch = dict(batch)
+        with torch.no_grad():
+            out = model(**self.batch, use_cache=use_cache)
+        self.cache = out.cache if use_cache else None
+        self.ids = torch.cat([self.batch["input_ids"], out.logits[:, -1:].argmax(-1)], dim=1)
+        self.mask = torch.cat([self.batch["attention_mask"], torch.ones_like(self.ids[:, -1:])], dim=1)
+
+    def step(self) -> tuple[float, float]:
+        """Time one decoding step (wall, CPU seconds); the bookkeeping after it is not timed."""
+        wall, cpu = time.perf_counter(), time.process_time()
+        with torch.no_grad():
+            if self.use_cache:
+                out = self.model(input_ids=self.ids[:, -1:], attention_mask=self.mask, cache=self.cache,
+                                 use_cache=True)
+            else:  # recompute everything, images included
+                out = self.model(input_ids=self.ids, attention_mask=self.mask,
+                                 pixel_values=self.batch["pixel_values"], use_cache=False)
+            token = out.logits[:, -1:].argmax(-1)
+        if token.is_cuda:
+            torch.cuda.synchronize()
+        times = time.perf_counter() - wall, time.process_time() - cpu
+        self.ids = torch.cat([self.ids, token], dim=1)
+        self.mask = torch.cat([self.mask, torch.ones_like(token)], dim=1)
+        return times
+
+
+def step_rates(models: dict, batch, steps: int, use_cache: bool = True) -> dict[str, list[tuple[float, float]]]:
+    """Per step, tokens/s per sequence (wall, CPU) of every model; steps alternate between the models."""
+    steppers = {name: Stepper(model, batch, use_cache) for name, model in models.items()}
+    for stepper in steppers.values():  # warm-up
+        stepper.step()
+    names = list(steppers)
+    rates: dict[str, list[tuple[float, float]]] = {name: [] for name in names}
+    for i in range(steps):
+        for name in names if i % 2 == 0 else names[::-1]:
+            wall, cpu = steppers[name].step()
+            rates[name].append((1 / wall, 1 / max(cpu, 1e-9)))
+    return rates
+
+
+def make_batch(processor, batch_size: int, device: str):
+    paths = easy_vqa.get_test_image_paths()
+    images = [Image.open(paths[i]).convert("RGB") for i in range(batch_size)]
+    prompt = processor.apply_chat_template([{"role": "user", "content": "<image>\nWhat shape is in the image?"}],
+                                           add_generation_prompt=True, tokenize=False)
+    return processor(text=[prompt] * batch_size, images=images).to(device)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--hidden", type=int, default=256)
+    parser.add_argument("--layers", type=int, default=4)
+    parser.add_argument("--heads", type=int, default=4)
+    parser.add_argument("--kv-heads", type=int, default=2)
+    parser.add_argument("--intermediate", type=int, default=1024)
+    parser.add_argument("--image-size", type=int, default=64, help="SigLIP input side; image tokens = (side/patch)^2")
+    parser.add_argument("--patch-size", type=int, default=8)
+    parser.add_argument("--batch", type=int, default=1, help="prompts decoded together")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--new-tokens", type=int, default=256)
+    parser.add_argument("--uncached-tokens", type=int, default=0, help="new tokens of the slow no-cache run "
+                        "(0: --new-tokens; a few suffice at width, where each step recomputes the whole prompt)")
     parser.add_argument("--uncached-repeats", type=int, default=1, help="the slow no-cache run")
-    # One thread by default: at these sizes every op is tiny, and with 2 threads on a busy 2-core machine the
-    # OpenMP barriers of ~100 small ops per token made timings swing 5x from run to run.
+    parser.add_argument("--method", default="steps", choices=["steps", "generate"])
+    parser.add_argument("--cache-impl", default=None, choices=[None, "dynamic", "static"],
+                        help="generate's cache_implementation for both models (default: dynamic)")
+    parser.add_argument("--compile", action="store_true", help="with --cache-impl static: compiled decode step")
+    # One thread by default: with 2 threads on a busy 2-core machine, OpenMP barriers made timings swing 5x.
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--device", default="cpu", help="cpu or cuda (fp32 either way)")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    model, processor = build_tiny(SPEC, rank=64)
+    spec = TinySpec(hidden=args.hidden, layers=args.layers, heads=args.heads, kv_heads=args.kv_heads,
+                    intermediate=args.intermediate, vocab=1000, image_size=args.image_size,
+                    patch_size=args.patch_size, vision_hidden=192, vision_layers=4, max_positions=4096,
+                    tie_embeddings=True)
+    model, processor = build_tiny(spec, rank=64)
     randomize_learners(model)
     model.to(args.device).eval()
-    image = Image.open(easy_vqa.get_test_image_paths()[0])
-    prompt = processor.apply_chat_template([{"role": "user", "content": "<image>\nWhat shape is in the image?"}],
-                                           add_generation_prompt=True, tokenize=False)
-    batch = processor(text=prompt, images=[image]).to(args.device)
     llava = hf_llava(model).to(args.device)
+    batch = make_batch(processor, args.batch, args.device)
     n = args.new_tokens
-    print(f"prompt {batch['input_ids'].shape[1]} tokens ({model.config.image_seq_length} image), {n} new tokens, "
-          f"{args.device}, {torch.get_num_threads()} threads, "
-          f"wings params {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M")
-    fast = decode_rates({"wings": (model, True), "llava": (llava, True)}, batch, n, args.repeats)
-    slow = decode_rates({"wings_no_cache": (model, False)}, batch, n, args.uncached_repeats)
-    (cached, cached_cpu), (llava_rate, llava_cpu) = fast["wings"], fast["llava"]
-    uncached, uncached_cpu = slow["wings_no_cache"]
-    print("decode tok/s          wall    (per CPU-second)")
-    print(f"wings, cache      : {cached:8.1f}  ({cached_cpu:8.1f})")
-    print(f"wings, no cache   : {uncached:8.1f}  ({uncached_cpu:8.1f})   cache speed-up {cached / uncached:.1f}x "
-          f"({cached_cpu / uncached_cpu:.1f}x), target >= 10x")
-    print(f"HF llava, cache   : {llava_rate:8.1f}  ({llava_cpu:8.1f})   wings / llava {cached / llava_rate:.2f} "
-          f"({cached_cpu / llava_cpu:.2f}), target >= 0.7")
+    print(f"batch {args.batch} x prompt {batch['input_ids'].shape[1]} tokens ({model.config.image_seq_length} image), "
+          f"{n} new tokens; LLM hidden {args.hidden}, {args.layers} layers, {args.heads}/{args.kv_heads} heads, ffn "
+          f"{args.intermediate}; {args.device}, {torch.get_num_threads()} threads, cache {args.cache_impl or 'dynamic'}"
+          f"{', compiled decode step' if args.compile else ''}; "
+          f"wings params {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M")
+    if args.method == "steps" and args.cache_impl != "static":
+        print(f"method: {n} decoding steps per model, alternating Wings / LLaVA step by step")
+        fast = step_rates({"wings": model, "llava": llava}, batch, n)
+        slow = step_rates({"wings_no_cache": model}, batch, args.uncached_tokens or n, use_cache=False)
+    else:
+        print(f"method: whole generate() calls, {args.repeats} rounds")
+        fast = decode_rates({"wings": Run(model, True, args.cache_impl, args.compile),
+                             "llava": Run(llava, True, args.cache_impl, args.compile)}, batch, n, args.repeats)
+        slow = decode_rates({"wings_no_cache": Run(model, False)}, batch, args.uncached_tokens or n,
+                            args.uncached_repeats)
+    wings, llava_s, uncached = fast["wings"], fast["llava"], slow["wings_no_cache"]
+    print("decode tok/s per sequence   wall    (per CPU-second)   [medians]")
+    print(f"wings, cache      : {median_of(wings, 0):8.2f}  ({median_of(wings, 1):8.2f})")
+    print(f"wings, no cache   : {median_of(uncached, 0):8.2f}  ({median_of(uncached, 1):8.2f})   cache speed-up "
+          f"{median_of(wings, 0) / median_of(uncached, 0):.1f}x ({median_of(wings, 1) / median_of(uncached, 1):.1f}x)"
+          ", target >= 10x")
+    print(f"HF llava, cache   : {median_of(llava_s, 0):8.2f}  ({median_of(llava_s, 1):8.2f})   wings / llava "
+          f"{ratio_of(wings, llava_s, 0):.3f} ({ratio_of(wings, llava_s, 1):.3f}), target >= 0.9")
+    pairs = sorted(x[0] / y[0] for x, y in zip(wings, llava_s, strict=True))
+    quart = [pairs[int(q * (len(pairs) - 1))] for q in (0.25, 0.5, 0.75)]
+    print(f"wings/llava (wall) over {len(pairs)} pairs: quartiles {quart[0]:.3f} / {quart[1]:.3f} / {quart[2]:.3f}")
 
 
 if __name__ == "__main__":

@@ -4,6 +4,12 @@ from __future__ import annotations
 
 import argparse
 
+# Variants a benchmark can compare: "llava" (the baseline), "wings" (default kernels), and "wings+OPTION" with
+# OPTION one or more of: eager (router_impl="eager", the reference that materialises probabilities), separate (the
+# router summary in its own SDPA call instead of extra value channels of the main one), unfused (separate
+# down-projections of the learners), recompute (learner activations recomputed in the backward).
+VARIANT_OPTIONS = ("eager", "separate", "unfused", "recompute")
+
 
 def add_shape_args(p: argparse.ArgumentParser, batch: int, seq: int) -> None:
     """LLM shape, learner rank and device options (defaults: the small 512-wide LLM on the CPU)."""
@@ -17,12 +23,18 @@ def add_shape_args(p: argparse.ArgumentParser, batch: int, seq: int) -> None:
     p.add_argument("--rank", type=int, default=64)
     p.add_argument("--router", default="position")
     p.add_argument("--router-impl", default="sdpa")
+    p.add_argument("--image-size", type=int, default=64, help="SigLIP input side; image tokens = (side / patch)^2")
+    p.add_argument("--patch-size", type=int, default=8)
     p.add_argument("--device", default="cpu", help="cpu or cuda")
+
+
+def image_tokens(args: argparse.Namespace) -> int:
+    return (args.image_size // args.patch_size) ** 2
 
 
 def build(args: argparse.Namespace, mode: str):
     """A random Wings (or llava-mode) model on `args.device` in train mode, its processor, and a batch:
-    `args.batch` sequences of `args.seq` tokens, each with one 64x64 image (64 tokens) after an 8-token prefix."""
+    `args.batch` sequences of `args.seq` tokens, each with one image after an 8-token prefix."""
     import torch  # here, not at the top: bench_train_step's parent process only parses arguments
 
     from wings.builder import TinySpec, build_tiny, train_tiny_tokenizer
@@ -30,14 +42,34 @@ def build(args: argparse.Namespace, mode: str):
     torch.manual_seed(0)
     spec = TinySpec(hidden=args.hidden, layers=args.layers, heads=args.heads, kv_heads=args.kv_heads,
                     intermediate=args.intermediate, vocab=1000, max_positions=4096, tie_embeddings=False,
-                    image_size=64, patch_size=8, vision_hidden=192, vision_layers=2)
-    extra = {} if mode == "llava" else {"router_impl": args.router_impl, "router_max_positions": 4096}
-    model, processor = build_tiny(spec, tokenizer=train_tiny_tokenizer(1000), mode=mode, rank=args.rank,
+                    image_size=args.image_size, patch_size=args.patch_size, vision_hidden=192, vision_layers=2)
+    base, *options = mode.split("+")
+    unknown = [o for o in options if o not in VARIANT_OPTIONS]
+    if base not in ("wings", "llava") or unknown:
+        raise ValueError(f"unknown variant {mode!r}: use llava, wings or wings+OPTION with OPTION in {VARIANT_OPTIONS}")
+    extra = {} if base == "llava" else {
+        "router_impl": "eager" if "eager" in options else args.router_impl, "router_max_positions": 4096}
+    model, processor = build_tiny(spec, tokenizer=train_tiny_tokenizer(1000), mode=base, rank=args.rank,
                                   router=args.router, **extra)
+    if base == "wings":
+        set_kernel_options(model, options)
     device = torch.device(args.device)
     model.to(device).train()
     ids = torch.randint(10, 900, (args.batch, args.seq))
     ids[:, 8:8 + processor.image_seq_length] = processor.image_token_id
-    batch = {"input_ids": ids.to(device), "pixel_values": torch.randn(args.batch, 3, 64, 64, device=device)}
+    batch = {"input_ids": ids.to(device),
+             "pixel_values": torch.randn(args.batch, 3, args.image_size, args.image_size, device=device)}
     batch["labels"] = batch["input_ids"]
     return model, processor, batch
+
+
+def set_kernel_options(model, options: list[str]) -> None:
+    """Switch the model's runtime kernel choices (`model.wings_kernels`) to the reference paths named in options."""
+    kernels = getattr(model, "wings_kernels", None)
+    wanted = {"separate": ("fused_router", False), "unfused": ("fused_lowrank", False),
+              "recompute": ("learner_recompute", True)}
+    for option in options:
+        if option in wanted:
+            if kernels is None:
+                raise ValueError(f"variant option {option!r} needs a model with `wings_kernels`")
+            setattr(kernels, *wanted[option])

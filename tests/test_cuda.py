@@ -129,3 +129,32 @@ def test_cuda_bf16_training_stages_then_chat(make_tiny, tmp_path):
     code = wings_main(["chat", str(source), "What shape is in the image?", "--image", image,
                        "--device", "cuda", "--dtype", "bfloat16", "--max-new-tokens", "6", "--no-stream"])
     assert code in (0, None)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cuda_fused_router_and_down_projections_equal_reference(make_tiny, dtype):
+    """Value channels in the GPU's fused SDPA kernels (head size padded) and fused down-projections == reference,
+    forward and backward."""
+    from test_model_fused import assert_same, padded_batch, run
+
+    model, processor = wings_on(make_tiny, CUDA, dtype)
+    model.train()
+    batch = on(padded_batch(processor), CUDA)
+    batch["pixel_values"] = batch["pixel_values"].to(dtype)
+    tol = 1e-5 if dtype == torch.float32 else 3e-2
+    fused = run(model, batch, fused_router=True, fused_lowrank=True)
+    assert_same(fused, run(model, batch, fused_router=False, fused_lowrank=False), tol)
+    assert_same(run(model, batch, learner_recompute=True), fused, tol)
+
+
+def test_cuda_compiled_static_decoding_equals_dynamic(make_tiny, images):
+    """generate compiles the decoding step itself on a GPU with a static cache (inductor)."""
+    model, processor = wings_on(make_tiny, CUDA, torch.float32)
+    prompts = [PROMPT.format("<image>\n"), PROMPT.format("tell me, please, ")]
+    batch = on(processor(text=prompts, images=[[images[0]], []], padding_side="left"), CUDA)
+    gen = {"max_new_tokens": 8, "do_sample": False, "output_logits": True, "return_dict_in_generate": True}
+    with torch.no_grad():
+        dynamic = model.generate(**batch, **gen)
+        static = model.generate(**batch, cache_implementation="static", **gen)
+    assert torch.equal(static.sequences, dynamic.sequences)
+    assert max(rel_err(a, b) for a, b in zip(static.logits, dynamic.logits, strict=True)) < 1e-4

@@ -3,17 +3,18 @@
 The learner keys and the router's per-key metadata live on the HF cache object (`cache.wings_cache`, see
 modeling/state.py). Plain greedy/sampling decoding only appends, which `build_state` handles; beam search
 reorders the batch, prompt-lookup/assisted decoding crops rejected tokens, and `num_return_sequences`
-expands the batch. `WingsDynamicCache` applies each of those operations to the learner cache too.
+expands the batch. `WingsDynamicCache` applies each of those operations to the learner cache too, and
+`WingsStaticCache` does the same for a pre-allocated (static) cache and its `StaticLearnerCache`
+(`generate(..., cache_implementation="static")`, the layout a compiled decoding step needs).
 """
 
 from __future__ import annotations
 
 import torch
-from transformers import DynamicCache
+from transformers import DynamicCache, StaticCache
 
-from ..modeling.learner import LearnerKeys
-from ..modeling.router import SEG_IMAGE
 from ..modeling.state import LearnerCache
+from ..modeling.static_state import StaticLearnerCache
 
 
 class WingsDynamicCache(DynamicCache):
@@ -50,6 +51,40 @@ class WingsDynamicCache(DynamicCache):
         if learner is not None and learner.key_positions is not None:
             crop_learner_cache(learner, self.get_seq_length())
 
+    def reset(self) -> None:
+        super().reset()
+        self.__dict__.pop("wings_cache", None)  # the next forward starts a new learner cache
+
+
+class WingsStaticCache(StaticCache):
+    """A `StaticCache` whose batch and length operations also apply to its (pre-allocated) learner cache."""
+
+    @property
+    def _learner(self) -> StaticLearnerCache | None:
+        return getattr(self, "wings_cache", None)
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        super().reorder_cache(beam_idx)
+        if self._learner is not None:
+            self._learner.select_batch(beam_idx)
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        super().batch_select_indices(indices)
+        if self._learner is not None:
+            self._learner.select_batch(indices)
+
+    def crop(self, tokens_to_remove: int) -> None:
+        super().crop(tokens_to_remove)
+        if self._learner is not None:
+            self._learner.truncate(int(self.get_seq_length()))
+
+    def reset(self) -> None:
+        """HF's way to reuse a static cache (and a step compiled against its addresses): clear the learner cache
+        too, in place."""
+        super().reset()
+        if self._learner is not None:
+            self._learner.reset()
+
 
 def _device_of(learner: LearnerCache, fallback: torch.Tensor) -> torch.device:
     return learner.key_positions.device if learner.key_positions is not None else fallback.device
@@ -62,26 +97,17 @@ def crop_learner_cache(learner: LearnerCache, new_length: int) -> None:
         return
     removed = positions[:, new_length:].masked_fill(~valid[:, new_length:], torch.iinfo(positions.dtype).max)
     first_removed = removed.min(dim=1).values  # [B]: every key at or after this true position goes
-    learner.key_positions = positions[:, :new_length]
-    learner.key_segments = learner.key_segments[:, :new_length]
-    learner.key_valid = valid[:, :new_length]
-    learner.seen_image = ((learner.key_segments == SEG_IMAGE) & learner.key_valid).any(dim=1)
-    learner.keys = {name: _drop_keys_from(keys, first_removed) for name, keys in learner.keys.items()}
-
-
-def _drop_keys_from(keys: LearnerKeys, first_removed: torch.Tensor) -> LearnerKeys:
-    keep = keys.valid & (keys.positions < first_removed[:, None])
-    # Removed tokens are the newest, so their keys sit after every kept key of the row: trim the columns past
-    # the last kept key, and mask whatever removed keys remain in rows that keep more.
-    column = torch.arange(keep.shape[1], device=keep.device)
-    n = int(torch.where(keep, column, -1).max()) + 1 if keep.numel() else 0
-    return LearnerKeys(keys.key[:, :, :n], keys.value[:, :, :n], keys.positions[:, :n], keep[:, :n])
+    learner.truncate(new_length)
+    learner.drop_keys_from(first_removed)
 
 
 def upgrade_cache(cache) -> None:
-    """Give a plain `DynamicCache` the learner-aware batch/length operations (class swap, no data copied)."""
+    """Give a plain `DynamicCache` / `StaticCache` the learner-aware batch/length operations (class swap, no data
+    copied)."""
     if type(cache) is DynamicCache:
         cache.__class__ = WingsDynamicCache
+    elif type(cache) is StaticCache:
+        cache.__class__ = WingsStaticCache
 
 
 def prepare_generation_cache(model, base_prepare, generation_config, model_kwargs: dict, *args, **kwargs) -> None:
@@ -110,7 +136,7 @@ def prepare_generation_cache(model, base_prepare, generation_config, model_kwarg
     if cache is None:
         return
     upgrade_cache(cache)
-    if not isinstance(cache, WingsDynamicCache) and generation_config.num_beams > 1:
+    if not isinstance(cache, WingsDynamicCache | WingsStaticCache) and generation_config.num_beams > 1:
         raise ValueError(
             f"beam search with a {type(cache).__name__} cannot keep the Wings learner cache in step; "
             "use the default dynamic cache or use_cache=False"

@@ -13,14 +13,26 @@ The learners and router are registered as children of the original attention mod
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from . import compat
-from .learner import LoRRALearner, learner_mask
-from .router import RouterDispatchConfig, RouterProbe, WingsRouter, check_router_width, router_mask
+from .learner import (
+    LoRRALearner,
+    additive_mask,
+    as_dtype,
+    autocast_input,
+    concatenated,
+    head_broadcast,
+    learner_mask,
+    plus_low_rank_pair,
+)
+from .router import RouterDispatchConfig, RouterProbe, WingsRouter, router_mask
 from .state import WingsState
 
 WINGS_PARTS = ("visual", "textual", "router")
+LEARNER_KINDS = ("visual", "textual")
 
 
 def attach_wings(attn: nn.Module, layer_idx: int, hidden_size: int, num_heads: int, head_dim: int, rank: int,
@@ -69,69 +81,114 @@ def _before_attention(attn: nn.Module, args: tuple, kwargs: dict):
     probe = _make_probe(attn, state)
     if probe is not None:
         kwargs["wings_router_probe"] = probe
-    attn._wings_call = (state, residual, probe, kwargs["position_embeddings"])
+    if "query_rope" not in state.memo:  # the LLM's RoPE tables of this forward, shaped for the heads once
+        state.memo["query_rope"] = head_broadcast(*kwargs["position_embeddings"])
+    attn._wings_call = (state, residual, probe, state.memo["query_rope"])
     return args, kwargs
 
 
 def _after_attention(attn: nn.Module, args: tuple, kwargs: dict, output):
-    call = attn.__dict__.pop("_wings_call", None)
+    call = attn._wings_call
+    attn._wings_call = None
     if call is None:
         return None
     state, residual, probe, query_rope = call
     attn_out, attn_weights = output[0], output[1]
     delta = learner_delta(attn, residual + attn_out, state, query_rope, probe)  # learners read h'
-    return (attn_out + delta.to(attn_out.dtype), attn_weights, *output[2:])
+    return (attn_out + as_dtype(delta, attn_out.dtype), attn_weights, *output[2:])
 
 
 def _make_probe(attn: nn.Module, state: WingsState) -> RouterProbe | None:
     router = getattr(attn, "router", None)
     if router is None:
         return None
-    if "probe_mask" not in state.memo:  # shared by every layer of this forward
-        check_router_width(router, state.key_positions)
-        state.memo["probe_mask"] = router_mask(state.query_positions, state.key_positions, state.key_valid)
-    values = router.value_matrix(state.key_positions, state.key_segments, router.linear.weight.dtype)
-    # Decoding one token: the [B, H, 1, S] probabilities are tiny, so the eager path is the cheaper one.
-    impl = "eager" if state.query_positions.shape[1] == 1 else state.router_impl
-    return RouterProbe(values, state.memo["probe_mask"], impl, plain_causal=state.plain_causal)
+
+    def mask_fn() -> torch.Tensor:  # the reference paths' mask, shared by every layer of this forward
+        if "probe_mask" not in state.memo:
+            state.memo["probe_mask"] = router_mask(state.query_positions, state.key_positions, state.key_valid)
+        return state.memo["probe_mask"]
+
+    values = state.router_values(attn.wings_layer_idx, router)
+    if "padding_queries" not in state.memo:  # [B, T, 1]: the queries whose summary is zeroed
+        state.memo["padding_queries"] = None if state.query_valid is None else ~state.query_valid[..., None]
+    return RouterProbe(values, mask_fn, state.router_impl, fused=state.kernels.fused_router,
+                       plain_causal=state.plain_causal, padding_queries=state.memo["padding_queries"])
 
 
 def learner_delta(attn: nn.Module, hidden: torch.Tensor, state: WingsState, query_rope, probe: RouterProbe | None):
     """hidden: h' [B, T, d] -> w_v * Vis(h') + w_t * Txt(h') (or their plain sum without a router)."""
     layer_idx = attn.wings_layer_idx
-    outs = {}
-    for kind in ("visual", "textual"):
-        learner = getattr(attn, kind, None)
-        if learner is None:
-            continue
-        keys = state.learner_keys(layer_idx, kind, learner)
-        if keys is None:  # e.g. a text-only batch for the visual learner
-            outs[kind] = learner.anchor() if attn.training else None
-            continue
-        if state.compat_official is not None:
-            mask = compat.learner_mask(kind, keys, state.query_positions)
-        else:  # every layer's keys of one kind share positions and validity: build the mask once per forward
-            mask = state.memo.get(kind) or state.memo.setdefault(kind, learner_mask(keys, state.query_positions))
-        outs[kind] = learner(hidden, state.query_positions, query_rope, keys, mask=mask)
-    vis, txt = outs.get("visual"), outs.get("textual")
+    learners = {kind: getattr(attn, kind) for kind in LEARNER_KINDS if getattr(attn, kind, None) is not None}
+    if state.kernels.learner_recompute and attn.training and torch.is_grad_enabled() and state.cache is None:
+        # Keep only h' (and the shared key features) for the backward; the learners run again there.
+        low = checkpoint(_learner_outputs, attn, learners, hidden, state, query_rope, use_reentrant=False)
+    else:
+        low = _learner_outputs(attn, learners, hidden, state, query_rope)
+    # A learner without keys (e.g. the visual one in a text-only batch) is skipped; in training its parameters
+    # stay in the graph through a zero anchor (DDP/ZeRO expect every parameter to get a gradient).
+    anchors = [learners[kind].anchor() for kind, a in low.items() if a is None and attn.training]
+    low = {kind: a for kind, a in low.items() if a is not None}
+    w_vis = w_txt = None
     router = getattr(attn, "router", None)
-    if router is None or probe is None:
-        present = [o for o in (vis, txt) if o is not None]
-        return sum(present) if present else torch.zeros_like(hidden)
-    if probe.summary is None:
-        raise RuntimeError(
-            f"layer {layer_idx}: the router got no attention summary; the attention kernel did not run "
-            "through the Wings dispatcher (was the attention module's config replaced after injection?)"
-        )
-    weights = router(probe.summary)  # [B, T, 2]
-    if state.record is not None:
-        state.record[layer_idx] = weights.detach()
-    if state.compat_official is not None:  # the released model's double add (compat.py)
-        return compat.combine(vis, txt, weights, state)
-    # A sample without any image skips the visual learner and keeps the textual learner at full weight.
-    w_vis = weights[..., :1]
-    w_txt = torch.where(state.has_image[:, None, None], weights[..., 1:], torch.ones_like(weights[..., 1:]))
-    delta = torch.zeros_like(hidden) if txt is None else w_txt * txt
-    if vis is not None:
-        delta = delta + w_vis * vis
-    return delta
+    if router is not None and probe is not None:
+        if probe.summary is None:
+            raise RuntimeError(
+                f"layer {layer_idx}: the router got no attention summary; the attention kernel did not run "
+                "through the Wings dispatcher (was the attention module's config replaced after injection?)"
+            )
+        weights = router(probe.summary)  # [B, T, 2]
+        if state.record is not None:
+            state.record[layer_idx] = weights.detach()
+        if state.compat_official is not None:  # the released model's double add (compat.py)
+            outs = {kind: learners[kind].o_proj.up(a) for kind, a in low.items()}
+            return _plus(compat.combine(outs.get("visual"), outs.get("textual"), weights, state), anchors)
+        # A sample without any image skips the visual learner and keeps the textual learner at full weight.
+        w_vis = weights[..., :1]
+        w_txt = torch.where(state.has_image[:, None, None], weights[..., 1:], torch.ones_like(weights[..., 1:]))
+    scales = {"visual": w_vis, "textual": w_txt}
+    if not low:
+        return _plus(torch.zeros_like(hidden), anchors)
+    if state.kernels.fused_lowrank and len(low) == 2:
+        # w_v B_v a_v + w_t B_t a_t = [w_v a_v | w_t a_t] @ [B_v | B_t]^T: one matmul with 2r inner channels, the
+        # router weights applied to r channels instead of d.
+        scaled = [a if scales[kind] is None else a * as_dtype(scales[kind], a.dtype) for kind, a in low.items()]
+        owner = learners[next(iter(low))]  # the pair's weights are kept on its first learner
+        up = concatenated(owner, "o_up", [learners[kind].o_proj.up.weight for kind in low], dim=1)  # [d, 2r]
+        return _plus(F.linear(torch.cat(scaled, dim=-1), up), anchors)
+    delta = None
+    for kind, a in low.items():
+        out = learners[kind].o_proj.up(a)
+        out = out if scales[kind] is None else scales[kind] * out
+        delta = out if delta is None else delta + out
+    return _plus(delta, anchors)
+
+
+def _plus(delta: torch.Tensor, anchors: list[torch.Tensor]) -> torch.Tensor:
+    return delta + sum(anchors) if anchors else delta
+
+
+def _learner_outputs(attn: nn.Module, learners: dict[str, LoRRALearner], hidden: torch.Tensor, state: WingsState,
+                     query_rope) -> dict[str, torch.Tensor | None]:
+    """{kind: the learner's output before its up-projection [B, T, r]}, None for a learner with no keys."""
+    keys = {kind: state.learner_keys(attn.wings_layer_idx, kind, learner) for kind, learner in learners.items()}
+    running = [kind for kind in learners if keys[kind] is not None]
+    outs: dict[str, torch.Tensor | None] = {kind: None for kind in learners}
+    hidden = autocast_input(hidden)
+    if len(running) == 2 and state.kernels.fused_lowrank:
+        # Both queries read h' and share heads and positions: one down matmul, one batched up matmul (identity
+        # folded in), one RoPE over the stacked pair.
+        stacked = plus_low_rank_pair(hidden, *(learners[k].q_proj for k in running), True, learners[running[0]], "q")
+        queries = dict(zip(running, learners[running[0]].queries(stacked, query_rope), strict=True))
+    else:
+        queries = {kind: learners[kind].queries(hidden + learners[kind].q_proj(hidden), query_rope)
+                   for kind in running}
+    for kind in running:
+        if state.compat_official is not None:
+            mask = compat.learner_mask(kind, keys[kind], state.query_positions)
+        else:  # every layer's keys of one kind share positions and validity: build the mask once per forward
+            if kind not in state.memo:
+                safe, sees_any = learner_mask(keys[kind], state.query_positions)
+                state.memo[kind] = (additive_mask(safe, queries[kind].dtype), sees_any)
+            mask = state.memo[kind]
+        outs[kind] = learners[kind].attend(queries[kind], keys[kind], mask)
+    return outs

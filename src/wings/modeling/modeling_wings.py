@@ -2,18 +2,28 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 from torch import nn
-from transformers import AutoModel, AutoModelForCausalLM, GenerationMixin, PreTrainedModel
+from transformers import AutoModel, AutoModelForCausalLM, GenerationMixin, PreTrainedConfig, PreTrainedModel
 from transformers.modeling_outputs import CausalLMOutputWithPast
 from transformers.utils.deprecation import deprecate_kwarg
 
 from ..configuration import WingsConfig, has_cls_token
 from .compat import apply_official, use_cache_official
 from .inject import decoder_layers, inject_learners
+from .kernels import WingsKernels
 from .learner import LowRankLinear
 from .projector import build_projector
 from .state import build_state
+
+if TYPE_CHECKING:
+    from torch.nn.attention.flex_attention import BlockMask
+
+    # What transformers' `create_masks_for_generate` returns: one mask, or one per attention type (full,
+    # sliding); a mask is a tensor, a flex `BlockMask`, or None (the kernel's own causal mask).
+    MaskForGenerate = torch.Tensor | BlockMask | dict[str, torch.Tensor | BlockMask | None] | None
 
 SUPPORTED_VISION = ("siglip_vision_model", "clip_vision_model")
 
@@ -60,6 +70,7 @@ class WingsForConditionalGeneration(WingsPreTrainedModel, GenerationMixin):
         self.language_model = AutoModelForCausalLM.from_config(config.text_config)
         if config.mode == "wings":
             inject_learners(self.language_model, config)
+        self.wings_kernels = WingsKernels()  # how the Wings parts run (kernels.py); never changes the result
         self.post_init()
 
     @property
@@ -109,10 +120,11 @@ class WingsForConditionalGeneration(WingsPreTrainedModel, GenerationMixin):
         if pixel_values is not None:
             self.check_pixel_values(pixel_values)
         is_image = input_ids == self.config.image_token_id
-        n_tokens = int(is_image.sum())
         n_images = 0 if pixel_values is None else pixel_values.shape[0]
         per_image = self.config.image_seq_length
-        if n_tokens != n_images * per_image:
+        # A host-side count: checked in eager mode; a compiled step (decoding, where no image arrives) skips it.
+        n_tokens = None if torch.compiler.is_compiling() else int(is_image.sum())
+        if n_tokens is not None and n_tokens != n_images * per_image:
             raise ValueError(
                 f"Image features and image tokens do not match: the text holds {n_tokens} image tokens "
                 f"({n_tokens / per_image:g} `<image>` placeholders of {per_image} tokens) but {n_images} images "
@@ -136,18 +148,27 @@ class WingsForConditionalGeneration(WingsPreTrainedModel, GenerationMixin):
         use_cache: bool | None = None,
         logits_to_keep: int | torch.Tensor = 0,
         wings_record: dict | None = None,
+        wings_token_mask: torch.Tensor | None = None,
         **kwargs,
     ) -> CausalLMOutputWithPast:
+        """`wings_record`: a dict that receives {layer: router weights [B, T, 2]} of this forward.
+        `wings_token_mask` [B, T]: which of this forward's tokens are real, when `attention_mask` is a prepared
+        4D mask (generate with a static cache passes both; without it, all are)."""
         if input_ids is None:
             raise ValueError("WingsForConditionalGeneration needs input_ids (image placeholders are found by id)")
         B, T = input_ids.shape
         inputs_embeds = self.get_input_embeddings()(input_ids)
         inputs_embeds, is_image = self.merge_image_features(input_ids, inputs_embeds, pixel_values)
-        past = cache.get_seq_length() if cache is not None else 0
         if attention_mask is None:
+            past = cache.get_seq_length() if cache is not None else 0
             attention_mask = torch.ones(B, past + T, dtype=torch.long, device=input_ids.device)
+        mask_2d = attention_mask if torch.is_tensor(attention_mask) and attention_mask.ndim == 2 else None
+        if wings_token_mask is None:  # a prepared (4D) mask without it: every token of this forward is real
+            wings_token_mask = mask_2d[:, -T:] if mask_2d is not None else torch.ones_like(input_ids)
         if position_ids is None:  # true positions: count real tokens, so left padding does not shift them
-            position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, -T:]
+            if mask_2d is None:
+                raise ValueError("with a prepared (4D) attention mask, pass `position_ids`")
+            position_ids = (mask_2d.long().cumsum(-1) - 1).clamp(min=0)[:, -T:]
         if labels is not None:
             labels = labels.masked_fill(is_image, -100)  # never predict image tokens
         if self.config.mode == "wings":
@@ -159,12 +180,14 @@ class WingsForConditionalGeneration(WingsPreTrainedModel, GenerationMixin):
                 from ..generation.cache import WingsDynamicCache
 
                 cache = WingsDynamicCache(config=self.config.text_config)
+            position_router = self.config.use_router and self.config.router_type == "position"
             state = build_state(
-                inputs_embeds, is_image, attention_mask, position_ids, self.language_model.model.rotary_emb,
+                inputs_embeds, is_image, wings_token_mask, position_ids, self.language_model.model.rotary_emb,
                 cache_obj=cache if use_cache else None, router_impl=self.config.router_impl,
+                kernels=self.wings_kernels, router_width=self.config.router_width if position_router else None,
             )
             if self.config.compat == "official":
-                apply_official(state, inputs_embeds, is_image, attention_mask, position_ids,
+                apply_official(state, inputs_embeds, is_image, wings_token_mask, position_ids,
                                self.language_model.model.rotary_emb, self.config)
             state.record = wings_record
             kwargs["wings_state"] = state
@@ -201,11 +224,31 @@ class WingsForConditionalGeneration(WingsPreTrainedModel, GenerationMixin):
         model_kwargs["pixel_values"] = pixel_values
         return input_ids, model_kwargs
 
+    def create_masks_for_generate(self, config: PreTrainedConfig, **kwargs) -> MaskForGenerate:
+        # generate pre-builds the decoder's masks for a static cache: build them from the config the decoder itself
+        # builds them from (a composed model's `text_config` copy may not carry the attention implementation).
+        from transformers.masking_utils import create_masks_for_generate
+
+        return create_masks_for_generate(getattr(self.language_model, "model", self.language_model).config, **kwargs)
+
     def prepare_inputs_for_generation(self, input_ids, cache=None, pixel_values=None, is_first_iteration=False,
                                       **kwargs):
+        mask_2d = kwargs.get("attention_mask")
         inputs = super().prepare_inputs_for_generation(
             input_ids, cache=cache, is_first_iteration=is_first_iteration, **kwargs
         )
+        prepared = inputs.get("attention_mask")
+        if prepared is not None and not (torch.is_tensor(prepared) and prepared.ndim == 2):
+            # A compilable (static) cache got a prepared 4D mask: hand over what the 2D one told (real tokens and
+            # their true positions), sliced to this step so the compiled step sees fixed shapes. generate drops
+            # an all-ones 2D mask: then every token is real.
+            ids = inputs["input_ids"]
+            if torch.is_tensor(mask_2d) and mask_2d.ndim == 2:
+                if inputs.get("position_ids") is None:
+                    inputs["position_ids"] = (mask_2d.long().cumsum(-1) - 1).clamp(min=0)[:, -ids.shape[1]:]
+                inputs["wings_token_mask"] = mask_2d[:, -ids.shape[1]:]
+            else:
+                inputs["wings_token_mask"] = torch.ones_like(ids)
         # Images enter once, with the prompt; later steps read them from the (learner) cache.
         if is_first_iteration or not kwargs.get("use_cache", True):
             inputs["pixel_values"] = pixel_values
