@@ -100,6 +100,8 @@ def test_stage1_then_stage2_losses_fall(stage_runs):
     assert r1.steps == list(range(1, 9)) and r2.steps == list(range(1, 10))
     print("stage 1 losses", r1.losses, "\nstage 2 losses", r2.losses)
     # stage 1: 8 image records, 2 steps per epoch; stage 2: 12 records, 3 steps per epoch (2 image + 1 text)
+    # Measured drops (first - last mean loss) over model/train seeds 0-4 x 1 and 2 threads: stage 1 0.45-0.69,
+    # stage 2 0.47-0.56 (identical with either thread count at this size): the 0.3 bound keeps a >= 0.15 margin.
     assert mean(r1.losses[-2:]) < mean(r1.losses[:2]) - 0.3, r1.losses
     assert mean(r2.losses[-3:]) < mean(r2.losses[:3]) - 0.3, r2.losses
 
