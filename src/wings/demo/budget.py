@@ -59,6 +59,7 @@ class DemoPlan:
     vqa_eval_tasks: int  # easy-vqa test questions scored per MLLM
     iit_per_config: int = 50  # IIT dialogues per configuration (T, TT, TTT, TTV, TV, V)
     laws_items: int = 64  # easy-vqa test items for MLLM-LAWS
+    llm_layers: int = 4  # decoder layers of the base LLM (each LAWS correlation has this many points)
 
     def seconds(self, timings: dict) -> dict[str, float]:
         """Predicted wall time per block from measured ms/step (stage steps scale with batch size linearly)."""
@@ -96,7 +97,7 @@ TINY_LRS = {
     "llava_stage1": {"projector": 2e-3},
     "llava_stage2": {"llm": 2e-5 * TINY_LR_SCALE, "projector": 1e-3},
     "wings_stage1": {"projector": 2e-3, "visual_learner": 2e-3},
-    "wings_stage2": {"llm": 3e-4, "projector": 2e-3, "visual_learner": 4e-3, "textual_learner": 1e-4,
+    "wings_stage2": {"llm": 3e-4, "projector": 2e-3, "visual_learner": 4e-3, "textual_learner": 1e-3,
                      "router": 1e-3},
 }
 
@@ -104,11 +105,12 @@ TINY_LRS = {
 def plan(mode: str = "full") -> DemoPlan:
     """The proposed sizes (see the report in the module docstring of `wings.demo` for the measurements)."""
     if mode == "quick":
-        # 120 stage-2 steps left easy-vqa at chance (0.44-0.46); 600 reached 0.59-0.78, so quick uses 400
+        # 120 stage-2 steps left easy-vqa at chance (0.44-0.46); at 400 both models were still climbing (0.47-0.80
+        # over seeds 0-1), so quick uses 600 (docs/demo/QUICK_SEEDS.md: every seed and thread count measured)
         stages = {"llava_stage1": StagePlan(100, 32, TINY_LRS["llava_stage1"]),
-                  "llava_stage2": StagePlan(400, 16, TINY_LRS["llava_stage2"]),
+                  "llava_stage2": StagePlan(600, 16, TINY_LRS["llava_stage2"]),
                   "wings_stage1": StagePlan(100, 32, TINY_LRS["wings_stage1"]),
-                  "wings_stage2": StagePlan(400, 16, TINY_LRS["wings_stage2"])}
+                  "wings_stage2": StagePlan(600, 16, TINY_LRS["wings_stage2"])}
         return DemoPlan("quick", base_llm_steps=600, base_llm_verify=False, vision_steps=250, stages=stages,
                         vqa_train_records=4000,
                         text_eval_tasks=172, vqa_eval_tasks=300, iit_per_config=20, laws_items=32)
@@ -158,14 +160,16 @@ def time_vision(steps: int = 30) -> dict:
 
 def compose_demo_models(llm, tokenizer, encoder, image_processor, out_dir: str | Path, rank: int = 16,
                         router: str = "segment", feature_layer: int = -1) -> dict[str, Path]:
-    """Save a llava-mode and a wings-mode start model composed from the same base LLM + encoder."""
+    """Save a llava-mode and a wings-mode start model composed from the same base LLM + encoder. The Wings one is
+    stage-1 shaped (visual learners only): stage 2 adds the textual learners and the router."""
     from ..builder import compose, save
 
     dirs = {}
     for mode in ("llava", "wings"):
+        parts = {"use_textual_learner": False, "use_router": False} if mode == "wings" else {}
         model, processor = compose(copy.deepcopy(llm), copy.deepcopy(tokenizer), copy.deepcopy(encoder),
                                    image_processor, mode=mode, rank=rank, router=router,
-                                   vision_feature_layer=feature_layer)
+                                   vision_feature_layer=feature_layer, **parts)
         dirs[mode] = save(model, processor, Path(out_dir) / f"init_{mode}")
     return dirs
 
