@@ -47,7 +47,7 @@ def test_repl_commands(tiny_model_dir, image_path, monkeypatch, capsys):
     captured = capsys.readouterr()
     assert next(lines, None) is None  # every line was read, /exit last
     assert captured.out.count("\n") >= 2  # two answers (a reply may itself hold newlines)
-    assert "/no/such.png does not exist" in captured.err and "history cleared" in captured.err
+    assert "/no/such.png: does not exist" in captured.err and "history cleared" in captured.err
     assert "unknown command /bogus" in captured.err
 
 

@@ -18,7 +18,7 @@ import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
-from PIL import Image, ImageOps
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 REMOTE_SCHEMES = ("http://", "https://")
 
@@ -171,6 +171,8 @@ def _decode(data: bytes, name: str, limits: ImageLimits) -> Image.Image:
             image.load()
     except ImageError:
         raise
+    except UnidentifiedImageError:
+        raise ImageError(name, "cannot be decoded as an image (not a format PIL recognises)", "unreadable") from None
     except Image.DecompressionBombError as err:
         raise ImageError(name, f"claims too many pixels, over the limit of {limits.max_pixels:,} ({err})",
                          "too_many_pixels") from None
