@@ -16,7 +16,7 @@ def register(sub) -> None:
                    help="run the whole comparison for N seeds (seed, seed+1, ...) and report mean and range")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.add_argument("--stage2-steps", type=int, default=None, metavar="N",
-                   help="steps of both stage-2 runs (default: the mode's plan, 1500 in full mode)")
+                   help="steps of both stage-2 runs; if not given, the mode's plan (1500 full, 600 quick)")
     p.add_argument("--text-replay", action=argparse.BooleanOptionalAction, default=True,
                    help="stage 2 mixes in text-only records as 6%% of its data, as the paper's LLaVA-665K does; "
                         "--no-text-replay trains stage 2 on image questions only (the ablation)")

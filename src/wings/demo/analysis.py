@@ -171,13 +171,20 @@ Produced by `{command(out, results)}` in
 - **MLLM-LAWS**: attention mass per layer on text before the image, the image and text after it (all query
   tokens, mean over heads); attention shift = 1 - mean Pearson(LAWS_before, LAWS_after). With a
   {results['laws'][next(iter(results['laws']))]['n_layers']}-layer LLM each Pearson correlation has that many
-  points, so the shift is a coarse number here.
+  points: a correlation over so few points cannot carry a conclusion about the attention shift; it is
+  reported as measured.
+- **Per question type**: yes/no needs the question's word and the image together at the answer token; colour
+  and shape answers can be read off the image alone. "yes/no answered 'yes'" is how often the model picked
+  "yes" (the test items are about half yes, half no): a model that never learned yes/no sits near chance with
+  this rate far from 0.5, or close to it with near-equal log-probabilities.
 
 ## What this does and does not show
 
 Tiny models, synthetic text knowledge, real images, a few minutes of CPU training. The numbers show how
 each recipe trades the base LLM's text-only knowledge against what it learns from images *in this setting*;
-they say nothing about large models or real benchmarks. Differences inside overlapping intervals are noise.
+they say nothing about large models or real benchmarks. Differences inside overlapping intervals are noise,
+and one seed is one draw: `wings demo --seeds 3` gives the mean and range (figures move by several points
+between seeds, and runs on another machine are not bit-identical).
 
 Plots: {', '.join(f'`{v}`' for v in results['plots'].values())}.
 """
