@@ -8,13 +8,17 @@ export HF_HUB_OFFLINE := 1
 export HF_DATASETS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: setup demo test lint bench clean
+.PHONY: setup demo test lint bench clean browser
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	# torch first, alone: pip then takes the local CPU build of 2.13.0 and never a CUDA wheel.
 	$(BIN)/pip install -q torch==2.13.0
-	$(BIN)/pip install -q -e ".[dev,tensorboard,eval]"
+	$(BIN)/pip install -q -e ".[dev,tensorboard,eval,serve,serve-test]"
+	# DeepSpeed (the [deepspeed] extra) is an sdist: build it against the torch above (no build isolation, which
+	# could fetch another torch), without its C++ ops; then JIT-build once the CPU comm op it loads at start (g++).
+	DS_BUILD_OPS=0 $(BIN)/pip install -q --no-build-isolation -e ".[deepspeed]"
+	DS_ACCELERATOR=cpu $(BIN)/python -c "from deepspeed.ops.op_builder.cpu import ShareMemCommBuilder as B; B().load()"
 	touch $(STAMP)
 
 setup: $(STAMP)
@@ -22,7 +26,14 @@ setup: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/wings demo $(DEMO_ARGS)
 
-test: $(STAMP)
+# The web page's browser tests drive Debian's Chromium (never `playwright install`, which downloads a browser):
+# as root on a machine without it, install it; elsewhere those tests skip and say why.
+browser:
+	@if [ ! -x /usr/bin/chromium ] && [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+		(apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends chromium) \
+		|| echo "make: could not install chromium; the browser tests will be skipped" >&2; fi
+
+test: $(STAMP) browser
 	$(BIN)/pytest -q $(PYTEST_ARGS)
 
 lint: $(STAMP)

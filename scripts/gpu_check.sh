@@ -13,4 +13,8 @@ python3 -m pytest -q -p no:cacheprovider -rA tests/test_cuda.py || status=1
 python3 benchmarks/bench_train_step.py --device cuda --precision bf16 --hidden 4096 --layers 4 --heads 32 \
     --kv-heads 32 --intermediate 11008 --rank 64 --repeats 5 || status=1
 python3 benchmarks/bench_generate.py --device cuda --repeats 3 || status=1
+
+# ---- Scale-out (issue 14): DDP, DeepSpeed ZeRO-2/3, FSDP2 full/sharded through `wings train` on NCCL, with loss
+# equality against DDP and a resume from a sharded checkpoint. Details and budget in the script (~2-3 min).
+bash scripts/gpu_scaleout_check.sh || status=1
 exit $status

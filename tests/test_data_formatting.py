@@ -6,7 +6,6 @@ from pathlib import Path
 
 import easy_vqa
 import pytest
-import torch
 
 from wings.data import IGNORE_INDEX, encode_conversation
 from wings.data.formatting import build_sample
@@ -76,38 +75,35 @@ def test_labels_match_the_processor_output_for_text_only(processor):
     assert enc.labels == expected_labels(enc.input_ids, processor)
 
 
-def test_truncation_never_splits_an_image(processor):
+def test_truncation_never_splits_or_drops_an_image(processor):
     full = encode_conversation(MESSAGES, processor, max_length=4096)
     span = processor.image_seq_length
+    last_image_end = max(i for i, t in enumerate(full.input_ids) if t == processor.image_token_id) + 1
     outcomes = set()
     for max_length in range(1, len(full.input_ids) + 2):
         try:
             enc = encode_conversation(MESSAGES, processor, max_length=max_length)
         except BadRecord as e:
-            assert e.reason == "over_long"
-            outcomes.add("over_long")
+            assert e.reason == ("truncated_image" if max_length < last_image_end else "over_long"), max_length
+            outcomes.add(e.reason)
             continue
-        n_image_tokens = enc.input_ids.count(processor.image_token_id)
-        assert n_image_tokens == enc.n_images * span, max_length
-        assert len(enc.input_ids) <= max_length
+        assert enc.input_ids.count(processor.image_token_id) == 2 * span and enc.n_images == 2, max_length
+        assert len(enc.input_ids) == min(max_length, len(full.input_ids))
         assert enc.input_ids == full.input_ids[: len(enc.input_ids)]  # a prefix: cut, never rearranged
         assert enc.labels == full.labels[: len(enc.labels)]
-        assert any(label != IGNORE_INDEX for label in enc.labels)
-        if enc.truncated and len(enc.input_ids) < max_length:  # cut short only to keep an image whole
-            assert full.input_ids[len(enc.input_ids)] == processor.image_token_id
-        outcomes.add(enc.n_images)
-    assert outcomes == {"over_long", 1, 2}  # the sweep really crossed the second image
+        assert enc.truncated == (max_length < len(full.input_ids)) and enc.full_length == len(full.input_ids)
+        outcomes.add("kept")
+    assert outcomes == {"truncated_image", "kept"}  # the sweep crossed both
 
 
-def test_sample_drops_the_truncated_image(processor):
+def test_a_cut_inside_an_image_is_a_bad_record_naming_it(processor):
     paths = easy_vqa.get_train_image_paths()
     record = Record("mem[0]", "r", MESSAGES, (Path(paths[0]), Path(paths[1])))
     full = encode_conversation(MESSAGES, processor, max_length=4096)
     second = [i for i, t in enumerate(full.input_ids) if t == processor.image_token_id][processor.image_seq_length]
-    sample = build_sample(record, processor, max_length=second + 3)  # cut inside the second image
-    assert len(sample["input_ids"]) == second
-    assert sample["pixel_values"].shape[0] == 1
-    assert torch.equal(sample["attention_mask"], torch.ones(second, dtype=torch.long))
+    with pytest.raises(BadRecord, match="would drop 1 of its 2 images") as err:
+        build_sample(record, processor, max_length=second + 3)  # cut inside the second image
+    assert err.value.reason == "truncated_image"
     text_only = Record("mem[1]", "t", (MESSAGES[1] | {"content": "no image"}, MESSAGES[2]), ())
     assert "pixel_values" not in build_sample(text_only, processor, max_length=64)
 

@@ -118,7 +118,7 @@ def test_cli_writes_json_and_png(tiny_model_dir, laws_task, tmp_path, capsys):
 
 
 def test_needs_images(deep_model, tmp_path):
-    task = load_task(write_jsonl(tmp_path / "t.jsonl", [{"id": "txt", "question": "q", "answer": "a"}]))
+    task = load_task(write_jsonl(tmp_path / "t.jsonl", [{"id": "txt", "question": "q", "answer": "x"}]))
     with pytest.raises(ValueError, match="record 'txt' has no image"):
         compute_laws(deep_model, task, progress=False)
 

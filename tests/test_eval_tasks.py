@@ -40,22 +40,22 @@ def test_good_records(tmp_path):
 
 
 BAD = [
-    ({"question": "q", "answer": "a"}, "missing or empty field 'id'"),
-    ({"id": "r1", "answer": "a"}, "missing field 'question'"),
+    ({"question": "q", "answer": "x"}, "missing or empty field 'id'"),
+    ({"id": "r1", "answer": "x"}, "missing field 'question'"),
     ({"id": "r1", "question": "q"}, "missing field 'answer'"),
-    ({"id": "r1", "question": "  ", "answer": "a"}, "'question' must be a non-empty string"),
+    ({"id": "r1", "question": "  ", "answer": "x"}, "'question' must be a non-empty string"),
     ({"id": "r1", "question": "q", "options": [], "answer": 0}, "non-empty list"),
     ({"id": "r1", "question": "q", "options": ["a", ""], "answer": 0}, "non-empty string"),
     ({"id": "r1", "question": "q", "options": ["a", "a"], "answer": 0}, "duplicates"),
     ({"id": "r1", "question": "q", "options": ["a", "b"], "answer": "c"}, "not one of the options"),
     ({"id": "r1", "question": "q", "options": ["a", "b"], "answer": 5}, "out of range"),
     ({"id": "r1", "question": "q", "answer": ""}, "non-empty string"),
-    ({"id": "r1", "question": "q", "answer": "a", "image": "nowhere.png"}, "unknown image 'nowhere.png'"),
-    ({"id": "r1", "question": "<image> <image>", "answer": "a", "image": "IMG"}, "2 <image> placeholders but 1"),
-    ({"id": "r1", "question": "q", "answer": "a", "context": [{"question": "x"}]}, "context turn 0: missing field"),
-    ({"id": "r1", "question": "q", "answer": "a", "context": "hi"}, "'context' must be a list"),
-    ({"id": "r1", "question": "q", "answer": "a", "config": "TXV"}, "'config' must be a string of T and V"),
-    ({"id": "r1", "question": "q", "answer": "a", "image": "IMG", "images": ["IMG"]}, "not both"),
+    ({"id": "r1", "question": "q", "answer": "x", "image": "nowhere.png"}, "unknown image 'nowhere.png'"),
+    ({"id": "r1", "question": "<image> <image>", "answer": "x", "image": "IMG"}, "2 <image> placeholders but 1"),
+    ({"id": "r1", "question": "q", "answer": "x", "context": [{"question": "x"}]}, "context turn 0: missing field"),
+    ({"id": "r1", "question": "q", "answer": "x", "context": "hi"}, "'context' must be a list"),
+    ({"id": "r1", "question": "q", "answer": "x", "config": "TXV"}, "'config' must be a string of T and V"),
+    ({"id": "r1", "question": "q", "answer": "x", "image": "IMG", "images": ["IMG"]}, "not both"),
 ]
 
 
@@ -63,7 +63,7 @@ BAD = [
 def test_bad_record_names_file_line_and_id(tmp_path, record, message):
     image = vqa_records(1)[0]["image"]
     record = json.loads(json.dumps(record).replace('"IMG"', json.dumps(image)))
-    path = write_jsonl(tmp_path / "bad.jsonl", [{"id": "ok", "question": "q", "answer": "a"}, record])
+    path = write_jsonl(tmp_path / "bad.jsonl", [{"id": "ok", "question": "q", "answer": "x"}, record])
     with pytest.raises(TaskError) as err:
         load_task(path)
     text = str(err.value)
@@ -78,10 +78,10 @@ def test_file_level_errors(tmp_path):
     (tmp_path / "empty.jsonl").write_text("\n")
     with pytest.raises(TaskError, match="no records"):
         load_task(tmp_path / "empty.jsonl")
-    (tmp_path / "broken.jsonl").write_text('{"id": "a", "question": "q", "answer": "a"}\n{"id": \n')
+    (tmp_path / "broken.jsonl").write_text('{"id": "a", "question": "q", "answer": "x"}\n{"id": \n')
     with pytest.raises(TaskError, match="line 2: not valid JSON"):
         load_task(tmp_path / "broken.jsonl")
-    write_jsonl(tmp_path / "dup.jsonl", [{"id": "a", "question": "q", "answer": "a"}] * 2)
+    write_jsonl(tmp_path / "dup.jsonl", [{"id": "a", "question": "q", "answer": "x"}] * 2)
     with pytest.raises(TaskError, match="line 2 \\(id 'a'\\): duplicate id, first seen on line 1"):
         load_task(tmp_path / "dup.jsonl")
 

@@ -8,13 +8,12 @@ which must not break DDP with find_unused_parameters=False.
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 import textwrap
 from pathlib import Path
 
 import pytest
+
+from scaleout_support import job_env, run_job, torchrun, write_alternating
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
@@ -49,24 +48,6 @@ SCRIPT = textwrap.dedent("""
 """)
 
 
-def write_alternating(path: Path, n: int) -> Path:
-    import easy_vqa
-
-    questions, answers, image_ids = easy_vqa.get_train_questions()
-    image_paths = easy_vqa.get_train_image_paths()
-    records = []
-    for i in range(n):
-        if i % 2 == 0:
-            records.append({"id": f"img{i}", "image": image_paths[image_ids[i]],
-                            "conversations": [{"from": "human", "value": f"<image>\n{questions[i]}"},
-                                              {"from": "gpt", "value": answers[i]}]})
-        else:
-            records.append({"id": f"txt{i}", "conversations": [{"from": "human", "value": f"What is {i} + 1?"},
-                                                               {"from": "gpt", "value": str(i + 1)}]})
-    path.write_text(json.dumps(records))
-    return path
-
-
 @pytest.mark.slow
 def test_torchrun_two_process_ddp_keeps_ranks_identical(tiny_model_dir, tmp_path):
     data = write_alternating(tmp_path / "data.json", 8)
@@ -79,13 +60,10 @@ def test_torchrun_two_process_ddp_keeps_ranks_identical(tiny_model_dir, tmp_path
         "train.logging_steps=1", "train.warmup_ratio=0", "data.group_by_modality=false", "data.max_length=128",
         "train.extra_args.train_sampling_strategy=sequential", "groups.llm.lr=1e-3", "groups.projector.lr=1e-3",
     ]
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1",
-           "TMPDIR": str(tmp_path)}  # torchelastic leaves its scratch dirs in TMPDIR
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           str(script), str(tmp_path), str(CONFIGS / "wings_stage2.yaml"), *overrides]
-    # A DDP desync (e.g. a parameter without a gradient on one rank) hangs rather than fails: bound it.
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=150)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    cmd = torchrun(str(script), str(tmp_path), str(CONFIGS / "wings_stage2.yaml"), *overrides)
+    # A DDP desync (e.g. a parameter without a gradient on one rank) hangs rather than fails: bound it (the job,
+    # torchrun's workers included, is killed at the timeout).
+    run_job(cmd, job_env(tmp_path), tmp_path / "ddp.log", timeout=300)
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
     assert all(r["world"] == 2 for r in ranks)
     assert ranks[0]["begin"] == ranks[1]["begin"]

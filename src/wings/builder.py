@@ -36,21 +36,24 @@ CHAT_TOKENS = ["<|im_start|>", "<|im_end|>", IMAGE_TOKEN]
 TEXT_FAMILIES = {"qwen2": Qwen2Config, "llama": LlamaConfig, "mistral": MistralConfig, "qwen3": Qwen3Config}
 
 
-def _check_dir(path: str | Path, what: str) -> None:
-    """Clear errors for local paths; anything else is left to the hub (which fails fast when offline)."""
-    p = Path(path)
+def _check_dir(path: str | Path, what: str, kind: str = "any") -> None:
+    """Clear errors for local paths (kind of model from config.json, weights whole); anything else is left to
+    the hub (which fails fast when offline)."""
+    from .model_dir import check_model_dir
+
+    p = Path(os.path.expanduser(str(path)))
     looks_local = p.is_absolute() or str(path).startswith((".", "~")) or os.environ.get("HF_HUB_OFFLINE") == "1"
     if looks_local and not p.exists():
         raise FileNotFoundError(f"{what} {p} does not exist")
     if p.exists() and not p.is_dir():
         raise ValueError(f"{what} {p} is a file, expected a model directory")
-    if p.exists() and not (p / "config.json").is_file():
-        raise ValueError(f"{what} {p} has no config.json; is it a Hugging Face model directory?")
+    if p.exists():
+        check_model_dir(p, what, kind=kind)
 
 
 def load_vision_encoder(vision_dir: str | Path):
     """A vision *encoder* from a checkpoint that may hold a full CLIP/SigLIP (text + vision) model."""
-    _check_dir(vision_dir, "vision encoder directory")
+    _check_dir(vision_dir, "vision encoder directory", kind="vision")
     config = AutoConfig.from_pretrained(vision_dir)
     if config.model_type == "siglip":
         return SiglipVisionModel.from_pretrained(vision_dir)
@@ -117,7 +120,8 @@ def _fresh_projector(config: WingsConfig) -> torch.nn.Module:
 
 def init_from_pretrained(llm_dir: str | Path, vision_dir: str | Path, **kwargs):
     """`wings init-model --llm LLM_DIR --vision VISION_DIR`: compose from HF checkpoints (local dirs or hub ids)."""
-    _check_dir(llm_dir, "LLM directory")
+    _check_dir(llm_dir, "LLM directory", kind="causal_lm")
+    _check_dir(vision_dir, "vision encoder directory", kind="vision")
     llm = AutoModelForCausalLM.from_pretrained(llm_dir, dtype=torch.float32)
     tokenizer = AutoTokenizer.from_pretrained(llm_dir)
     vision = load_vision_encoder(vision_dir)
@@ -211,9 +215,18 @@ def build_tiny(spec: TinySpec | None = None, tokenizer=None, seed: int = 0, **co
     return compose(llm, tokenizer, vision, image_processor, **compose_kwargs)
 
 
-def save(model: WingsForConditionalGeneration, processor: WingsProcessor, out_dir: str | Path) -> Path:
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(out)
-    processor.save_pretrained(out)
+def save(model: WingsForConditionalGeneration, processor: WingsProcessor, out_dir: str | Path,
+         overwrite: bool = True) -> Path:
+    """Write model + processor to `out_dir` atomically: into a temp folder next to it, renamed into place once
+    complete, so a full disk or Ctrl-C never leaves a config.json without weights. An existing model folder there
+    is replaced only with `overwrite`; a non-empty folder that holds no model is never replaced."""
+    from .atomic import atomic_dir
+    from .paths import OutputError, check_output_dir
+
+    out = check_output_dir(out_dir, "output directory", overwrite)
+    if out.is_dir() and any(out.iterdir()) and not (out / "config.json").is_file():
+        raise OutputError(f"output directory {out} is not empty and holds no model; refusing to replace it")
+    with atomic_dir(out) as tmp:
+        model.save_pretrained(tmp)
+        processor.save_pretrained(tmp)
     return out

@@ -8,7 +8,8 @@ import os
 import sys
 
 # Subcommand modules, in the order `wings --help` lists them.
-COMMANDS = ["init_model", "smoke", "train", "evaluate", "forgetting", "iit", "laws", "chat", "convert_official", "demo"]
+COMMANDS = ["init_model", "smoke", "train", "evaluate", "forgetting", "iit", "laws", "chat", "convert_official",
+            "serve", "demo"]
 
 
 class CLIError(Exception):
@@ -24,13 +25,26 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from .errors import Terminated, close_progress_bars, message_for, sigterm_as_exception
+
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     args = build_parser().parse_args(argv)
+    name = " ".join(filter(None, [args.command, getattr(args, "iit_command", None)]))
     try:
-        return int(args.func(args) or 0)
-    except (CLIError, ValueError, FileNotFoundError, NotADirectoryError, OSError) as err:
-        print(f"wings {args.command}: error: {err}", file=sys.stderr)
-        return 2
+        with sigterm_as_exception():
+            return int(args.func(args) or 0)
     except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
+        close_progress_bars()
+        print(f"wings {name}: interrupted{getattr(args, 'interrupt_hint', '')}", file=sys.stderr)
         return 130
+    except Terminated as stop:
+        close_progress_bars()
+        print(f"wings {name}: terminated (SIGTERM){getattr(args, 'interrupt_hint', '')}", file=sys.stderr)
+        return int(stop.code)
+    except Exception as err:  # known kinds become one line (wings.cli.errors); anything else is a bug: traceback
+        message = message_for(err)
+        if message is None:
+            raise
+        close_progress_bars()
+        print(f"wings {name}: error: {message}", file=sys.stderr)
+        return 2

@@ -6,6 +6,7 @@ import argparse
 import sys
 
 from . import CLIError
+from .args import check_device, positive_float, positive_int, probability
 
 REPL_HELP = "commands: /image PATH (attach to the next message), /reset (clear history), /exit"
 
@@ -33,12 +34,12 @@ def register(sub) -> None:
     p.add_argument("--image", action="append", default=[], metavar="PATH", help="image for the first message")
     p.add_argument("--device", default="auto", help="auto (CUDA, then MPS, then CPU), cpu, cuda, cuda:1, mps")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
-    p.add_argument("--max-new-tokens", type=int, default=256)
+    p.add_argument("--max-new-tokens", type=positive_int, default=256)
     p.add_argument("--do-sample", action="store_true", help="sample instead of greedy decoding")
-    p.add_argument("--temperature", type=float, default=None)
-    p.add_argument("--top-p", type=float, default=None)
-    p.add_argument("--top-k", type=int, default=None)
-    p.add_argument("--repetition-penalty", type=float, default=None)
+    p.add_argument("--temperature", type=positive_float, default=None)
+    p.add_argument("--top-p", type=probability, default=None)
+    p.add_argument("--top-k", type=positive_int, default=None)
+    p.add_argument("--repetition-penalty", type=positive_float, default=None)
     p.add_argument("--stop", action="append", default=[], metavar="TEXT", help="stop when this text appears")
     p.add_argument("--system", default=None,
                    help="system prompt (default: none; 'You are a helpful assistant.' for compat=official models)")
@@ -57,6 +58,8 @@ def generation_settings(args) -> dict:
     settings.update({k: v for k, v in sampling.items() if v is not None})
     if args.repetition_penalty is not None:
         settings["repetition_penalty"] = args.repetition_penalty
+    if any(not stop for stop in args.stop):
+        raise CLIError("--stop needs a non-empty text")
     if args.stop:
         settings["stop_strings"] = list(args.stop)
     return settings
@@ -67,9 +70,12 @@ def run(args) -> int:
     from transformers.utils import logging as hf_logging
 
     from ..generation import OFFICIAL_SYSTEM_PROMPT, ChatSession, load_chat_model, load_image
+    from ..model_dir import check_model_dir
 
     settings = generation_settings(args)
+    check_device(args.device)
     images = [load_image(path) for path in args.image]  # fail on a bad file before loading the model
+    check_model_dir(args.model_dir, "MODEL_DIR", kind="wings")  # from config.json alone: nothing allocated yet
     hf_logging.disable_progress_bar()  # stdout/stderr are for the conversation
     model, processor = load_chat_model(args.model_dir, device=args.device, dtype=args.dtype)
     if args.seed is not None:
@@ -112,6 +118,9 @@ def repl(session, stream: bool) -> int:
         except EOFError:
             print(file=sys.stderr)
             return 0
+        except UnicodeDecodeError as err:  # a line that is not valid text in the terminal's encoding
+            console.print(f"[red]error:[/red] that line is not valid {err.encoding} text; type it again")
+            continue
         if not line:
             continue
         if line in ("/exit", "/quit"):

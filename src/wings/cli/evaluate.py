@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import argparse
 
+from . import CLIError
+from .args import check_device, positive_int
+
 
 def register(sub) -> None:
     p = sub.add_parser("eval", help="score a model on JSONL tasks (multiple choice and open questions)",
@@ -11,10 +14,10 @@ def register(sub) -> None:
     p.add_argument("model_dir", help="a Wings model directory, or a plain HF causal LM directory (text-only tasks)")
     p.add_argument("--task", action="append", required=True, metavar="FILE.jsonl", help="task file (repeatable)")
     p.add_argument("--out", default="results.json", help="results JSON; predictions are written next to it")
-    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--batch-size", type=positive_int, default=8)
     p.add_argument("--length-normalised", action="store_true",
                    help="headline multiple-choice accuracy uses log-likelihood per character of the option")
-    p.add_argument("--max-new-tokens", type=int, default=32, help="generation budget for open questions")
+    p.add_argument("--max-new-tokens", type=positive_int, default=32, help="generation budget for open questions")
     p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--label", default=None, help="name shown in tables and plots (default: the directory name)")
@@ -30,11 +33,20 @@ def run(args) -> int:
     from rich.console import Console
     from rich.table import Table
 
-    from ..evaluation.models import load_eval_model
-    from ..evaluation.runner import evaluate_task, load_tasks, write_results
+    from ..evaluation.models import load_eval_model, model_type_of
+    from ..evaluation.runner import evaluate_task, load_tasks, result_paths, write_results
+    from ..paths import Output, check_output_file, guard_outputs
 
+    check_device(args.device)
     tasks = load_tasks(args.task)  # validate every file before loading the model
-    em = load_eval_model(args.model_dir, device=args.device, dtype=args.dtype, label=args.label)
+    out = check_output_file(args.out, "--out")
+    guard_outputs([Output("--out", p) for p in result_paths(out, tasks)],
+                  [("MODEL_DIR", args.model_dir)] + [("--task", t.path) for t in tasks])
+    with_images = [t.name for t in tasks if t.has_images]
+    if with_images and model_type_of(args.model_dir, "MODEL_DIR") != "wings":  # decided before loading anything
+        raise CLIError(f"MODEL_DIR {args.model_dir} is a text-only language model, but task(s) {with_images} have "
+                       "images; score those with a Wings model")
+    em = load_eval_model(args.model_dir, device=args.device, dtype=args.dtype, label=args.label, what="MODEL_DIR")
     results = [evaluate_task(em, t, args.batch_size, args.max_new_tokens, args.length_normalised) for t in tasks]
     summary = write_results(em, results, args.out, settings_of(args))
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from .args import check_device, positive_int
+
 
 def register(sub) -> None:
     p = sub.add_parser("forgetting", help="text-only forgetting report: base LLM vs one or more MLLMs",
@@ -14,9 +16,9 @@ def register(sub) -> None:
     p.add_argument("--base-label", default=None, help="label of the base LLM (default: its directory name)")
     p.add_argument("--task", action="append", required=True, metavar="FILE.jsonl", help="text-only task (repeatable)")
     p.add_argument("--out", default="forgetting", help="output directory")
-    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--batch-size", type=positive_int, default=8)
     p.add_argument("--length-normalised", action="store_true")
-    p.add_argument("--max-new-tokens", type=int, default=32)
+    p.add_argument("--max-new-tokens", type=positive_int, default=32)
     p.add_argument("--device", default=None)
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     p.set_defaults(func=run)
@@ -34,6 +36,7 @@ def run(args) -> int:
 
     from ..evaluation.forgetting import run_forgetting
 
+    check_device(args.device)
     report = run_forgetting(args.base, args.model, args.task, args.out, labels=args.label, base_label=args.base_label,
                             batch_size=args.batch_size, max_new_tokens=args.max_new_tokens,
                             length_normalised=args.length_normalised, device=args.device, dtype=args.dtype)

@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 from collections import Counter
 
+from .args import positive_int
+
 
 def register(sub) -> None:
     p = sub.add_parser("iit", help="IIT-style interleaved text/image benchmark (build; score with `wings eval`)")
@@ -14,7 +16,7 @@ def register(sub) -> None:
     b.add_argument("--text-pool", required=True, help="text-only task JSONL (T turns)")
     b.add_argument("--mm-pool", required=True, help="task JSONL whose records have images (V turns)")
     b.add_argument("--configs", default="T,TT,TTT,TTV,TV,V", help="comma-separated turn patterns over T and V")
-    b.add_argument("--per-config", type=int, default=100, help="dialogues per configuration")
+    b.add_argument("--per-config", type=positive_int, default=100, help="dialogues per configuration")
     b.add_argument("--seed", type=int, default=0)
     b.add_argument("--out", required=True, help="output JSONL (image paths are written relative to it)")
     b.set_defaults(func=run_build)

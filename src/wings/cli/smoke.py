@@ -2,23 +2,25 @@
 
 from __future__ import annotations
 
+from .args import positive_int
+
 
 def register(sub) -> None:
     p = sub.add_parser("smoke", help="tiny end-to-end check: build, then answer one image question")
-    p.add_argument("--max-new-tokens", type=int, default=8)
+    p.add_argument("--max-new-tokens", type=positive_int, default=8)
     p.set_defaults(func=run)
 
 
 def run(args) -> int:
     import easy_vqa
     import torch
-    from PIL import Image
 
     from ..builder import build_tiny
+    from ..images import open_image
 
     model, processor = build_tiny()
     questions, answers, image_ids = easy_vqa.get_test_questions()
-    image = Image.open(easy_vqa.get_test_image_paths()[image_ids[0]])
+    image = open_image(easy_vqa.get_test_image_paths()[image_ids[0]])
     prompt = processor.apply_chat_template(
         [{"role": "user", "content": f"<image>\n{questions[0]}"}], add_generation_prompt=True, tokenize=False
     )

@@ -10,9 +10,6 @@ keep the --vision values (unused: features are read before them).
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import tempfile
 from collections import Counter
 from pathlib import Path
 
@@ -107,9 +104,12 @@ def checkpoint_dtype(tensors: dict[str, torch.Tensor]) -> torch.dtype:
 
 def convert_official(src, out, llm_dir, vision_dir, dtype: str = "auto", overwrite: bool = False) -> dict:
     """Convert, validate and write atomically; returns a summary (also saved as conversion.json)."""
-    out = Path(out)
-    if out.exists() and any(out.iterdir()) and not overwrite:
-        raise ValueError(f"output directory {out} exists and is not empty (pass --overwrite to replace it)")
+    from ..paths import Output, check_output_dir, guard_outputs
+
+    # Refused before anything is read or deleted: OUT may never be (or contain, or sit inside) an input, and an
+    # existing OUT is replaced only with --overwrite.
+    guard_outputs([Output("OUT_DIR", Path(out))], [("SRC_DIR", src), ("--llm", llm_dir), ("--vision", vision_dir)])
+    out = check_output_dir(out, "output directory", overwrite)
     tensors = read_safetensors_dir(src)
     layout = infer_layout(tensors)
     model, processor = build_model(layout, read_config(src), llm_dir, vision_dir)
@@ -128,21 +128,11 @@ def convert_official(src, out, llm_dir, vision_dir, dtype: str = "auto", overwri
 
 
 def write_atomically(model, processor, summary: dict, out: Path, overwrite: bool) -> None:
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
+    from ..atomic import atomic_dir
+
+    with atomic_dir(out) as tmp:
         model.save_pretrained(tmp)
         processor.save_pretrained(tmp)
         (tmp / "conversion.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
-        if out.exists():
-            if not overwrite and any(out.iterdir()):
-                raise ValueError(f"output directory {out} appeared while converting; not replacing it")
-            old = out.with_name(f".{out.name}.old-{os.getpid()}")
-            out.rename(old)
-            tmp.rename(out)
-            shutil.rmtree(old)
-        else:
-            tmp.rename(out)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp)
+        if out.exists() and not overwrite and any(out.iterdir()):
+            raise ValueError(f"output directory {out} appeared while converting; not replacing it")

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
 from safetensors import SafetensorError, safe_open
+
+from ..paths import read_json
 
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
@@ -47,16 +48,18 @@ def read_safetensors_dir(src: str | Path) -> dict[str, torch.Tensor]:
 
 
 def _read_sharded(src: Path, index_path: Path) -> dict[str, torch.Tensor]:
-    try:
-        weight_map = json.loads(index_path.read_text())["weight_map"]
-    except (json.JSONDecodeError, KeyError, TypeError) as err:
-        raise ValueError(f"{index_path} is not a safetensors index (no valid weight_map): {err}") from err
+    index = read_json(index_path, "safetensors index")
+    weight_map = index.get("weight_map") if isinstance(index, dict) else None
+    if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+        raise ValueError(f"{index_path} is not a safetensors index (no valid weight_map)")
     by_file: dict[str, set[str]] = {}
     for name, file in weight_map.items():
         by_file.setdefault(file, set()).add(name)
     tensors: dict[str, torch.Tensor] = {}
     for file, names in sorted(by_file.items()):
         path = src / file
+        if not path.resolve().is_relative_to(src.resolve()):
+            raise ValueError(f"{index_path.name} lists shard {file!r}, which is outside {src}")
         if not path.is_file():
             raise FileNotFoundError(f"{index_path.name} lists shard {file}, which is missing from {src}")
         found = _read_file(path, names)
@@ -70,9 +73,9 @@ def _read_sharded(src: Path, index_path: Path) -> dict[str, torch.Tensor]:
 def read_config(src: str | Path) -> dict:
     """The checkpoint's config.json as a dict ({} when absent)."""
     path = Path(src) / "config.json"
-    if not path.is_file():
+    if not path.exists():
         return {}
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as err:
-        raise ValueError(f"{path} is not valid JSON: {err}") from err
+    config = read_json(path, "checkpoint config")
+    if not isinstance(config, dict):
+        raise ValueError(f"checkpoint config {path} holds a JSON {type(config).__name__}, expected an object")
+    return config

@@ -24,14 +24,16 @@ from tqdm.auto import tqdm
 
 from .formatting import build_sample, encode_conversation
 from .records import IMAGE_CHECKS, Record, check_image, iter_raw_records, normalize, record_id
-from .report import BadRecord, SkipReport, write_json_atomic
+from .report import BadRecord, SkipReport, log_load_failure, write_json_atomic
 
 
 def scan_file(path: Path, processor, report: SkipReport, image_root: Path | None, max_length: int,
               system_prompt: str | None, image_check: str, text_only: bool = False,
-              progress: bool = True) -> list[tuple[Record, int, int]]:
-    """Check every record of one file; returns (record, token length, images kept) for the good ones."""
-    root = Path(image_root) if image_root is not None else path.parent
+              progress: bool = True, context_length: int | None = None) -> list[tuple[Record, int, int]]:
+    """Check every record of one file; returns (record, token length, images) for the good ones. Records longer
+    than `context_length` after truncation (the model's hard limit) are skipped as `over_context`; records cut to
+    `max_length` are kept and counted as changed (`truncated`)."""
+    root = Path(image_root).expanduser() if image_root is not None else path.parent
     kept = []
     for location, raw in tqdm(iter_raw_records(path), desc=f"checking {path.name}", unit=" rec", disable=not progress):
         try:
@@ -39,12 +41,19 @@ def scan_file(path: Path, processor, report: SkipReport, image_root: Path | None
             if text_only and record.images:
                 raise BadRecord("image_in_text_mix", f"{len(record.images)} images in a text-only mixing file")
             enc = encode_conversation(record.messages, processor, max_length)
+            if context_length is not None and len(enc.input_ids) > context_length:
+                raise BadRecord("over_context", f"{len(enc.input_ids)} tokens (after truncation to max_length="
+                                                f"{max_length}) but the model takes at most {context_length} (its "
+                                                "position router's width); lower data.max_length")
             for image in record.images[: enc.n_images]:
                 check_image(image, image_check)
         except BadRecord as e:
             report.bad(location, record_id(raw), e)
             continue
         report.kept[str(path)] += 1
+        if enc.truncated:
+            report.changed(location, record_id(raw), "truncated",
+                           f"{enc.full_length} tokens cut to max_length={max_length}")
         kept.append((record, len(enc.input_ids), enc.n_images))
     return kept
 
@@ -73,7 +82,8 @@ class LlavaDataset(Dataset):
     def __init__(self, paths: str | Path | Sequence[str | Path], processor, image_root: str | Path | None = None,
                  max_length: int = 2048, policy: str = "skip", report_path: str | Path | None = None,
                  text_mix_path: str | Path | None = None, text_mix_ratio: float = 0.0, seed: int = 0,
-                 system_prompt: str | None = None, image_check: str = "verify", progress: bool = True):
+                 system_prompt: str | None = None, image_check: str = "verify", progress: bool = True,
+                 context_length: int | None = None, failure_log: str | Path | None = None):
         paths = [Path(paths)] if isinstance(paths, (str, Path)) else [Path(p) for p in paths]
         if not paths:
             raise ValueError("build_dataset needs at least one data file")
@@ -82,7 +92,8 @@ class LlavaDataset(Dataset):
         self.processor, self.max_length, self.policy = processor, max_length, policy
         report = SkipReport(policy)
         common = dict(processor=processor, report=report, image_root=image_root, max_length=max_length,
-                      system_prompt=system_prompt, image_check=image_check, progress=progress)
+                      system_prompt=system_prompt, image_check=image_check, progress=progress,
+                      context_length=context_length)
         items = [item for path in paths for item in scan_file(path, **common)]
         mix_info = {}
         if text_mix_path is not None or text_mix_ratio:
@@ -98,11 +109,13 @@ class LlavaDataset(Dataset):
         self.records: list[Record] = [r for r, _, _ in items]
         self.lengths: list[int] = [n for _, n, _ in items]
         self.modality: list[str] = ["image" if k else "text" for _, _, k in items]
-        self.report = report.as_dict({"max_length": max_length, "image_check": image_check, **mix_info})
+        self.report = report.as_dict({"max_length": max_length, "context_length": context_length,
+                                      "image_check": image_check, **mix_info})
         if report_path is not None:
             write_json_atomic(report_path, self.report)
         report.print_summary(report_path)
         self.lazy_failures: list[str] = []
+        self.failure_log = Path(failure_log) if failure_log is not None else None
 
     @property
     def is_multimodal(self) -> list[bool]:
@@ -113,7 +126,8 @@ class LlavaDataset(Dataset):
 
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
         # Images passed the scan-time check; if one still fails to decode here, `error` raises and `skip` takes
-        # the next record (deterministic: same index -> same substitute) and warns, so a run never dies mid-epoch.
+        # the next record (deterministic: same index -> same substitute), warns, and logs the failure to
+        # `failure_log`, which training folds into data_report.json (`replaced_at_load`): never silent.
         for offset in range(len(self.records)):
             record = self.records[(index + offset) % len(self.records)]
             try:
@@ -123,6 +137,7 @@ class LlavaDataset(Dataset):
                 if self.policy == "error":
                     raise ValueError(f"bad training record at {message}") from e
                 self.lazy_failures.append(message)
+                log_load_failure(self.failure_log, record.location, record.id, e)
                 warnings.warn(f"skipping at load time {message}", stacklevel=2)
         raise ValueError("no record of the dataset can be loaded")
 
@@ -131,7 +146,8 @@ def build_dataset(path: str | Path | Sequence[str | Path], processor, image_root
                   max_length: int = 2048, policy: str = "skip", report_path: str | Path | None = None,
                   text_mix_path: str | Path | None = None, text_mix_ratio: float = 0.0, seed: int = 0,
                   system_prompt: str | None = None, image_check: str = "verify",
-                  progress: bool = True) -> LlavaDataset:
+                  progress: bool = True, context_length: int | None = None,
+                  failure_log: str | Path | None = None) -> LlavaDataset:
     """LLaVA-format training data as a torch Dataset.
 
     Args:
@@ -146,7 +162,11 @@ def build_dataset(path: str | Path | Sequence[str | Path], processor, image_root
         system_prompt: inserted as the system turn of records that have none (None: no system turn).
         image_check: scan-time image check, "verify" (default), "load", "exists" or "none".
         progress: show a tqdm bar while scanning.
+        context_length: the model's hard length limit (a position router's width); longer records are skipped at
+            scan time (`over_context`) instead of failing mid-run.
+        failure_log: JSONL file that records failing to load after the scan are appended to (see `__getitem__`).
     """
     return LlavaDataset(path, processor, image_root=image_root, max_length=max_length, policy=policy,
                         report_path=report_path, text_mix_path=text_mix_path, text_mix_ratio=text_mix_ratio,
-                        seed=seed, system_prompt=system_prompt, image_check=image_check, progress=progress)
+                        seed=seed, system_prompt=system_prompt, image_check=image_check, progress=progress,
+                        context_length=context_length, failure_log=failure_log)

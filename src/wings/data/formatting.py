@@ -4,9 +4,10 @@ Labels are -100 everywhere except the assistant's content and its `<|im_end|>`: 
 in `{% generation %}`, and `tokenizer.apply_chat_template(..., return_assistant_tokens_mask=True)` turns it into a
 token mask. Each `<image>` token becomes `processor.image_seq_length` image tokens (labels -100).
 
-Truncation policy: the sequence is cut at `max_length`, but never through an image's tokens. If the cut falls
-inside an image, the cut moves to just before that image, and that image (and any after it) is dropped from the
-sample. If no assistant token is left after the cut, the record is "over_long" (a bad record).
+Truncation policy: the sequence is cut at `max_length` (the data report counts every cut record as `truncated`).
+A cut that would remove any image token makes the record a bad one ("truncated_image"): a record never silently
+loses an image or turns into a text-only one. If no assistant token is left after the cut, the record is
+"over_long" (a bad record).
 """
 
 from __future__ import annotations
@@ -27,8 +28,9 @@ IGNORE_INDEX = -100
 class Encoded:
     input_ids: list[int]
     labels: list[int]
-    n_images: int  # images whose tokens survived truncation (always the first n of the record's images)
+    n_images: int  # images of the sample (truncation never removes one: that is a `truncated_image` skip)
     truncated: bool
+    full_length: int = 0  # tokens before truncation
 
 
 def chat_tokens(messages: Sequence[dict], processor) -> tuple[list[int], list[int]]:
@@ -67,20 +69,21 @@ def encode_conversation(messages: Sequence[dict], processor, max_length: int) ->
             input_ids.append(token)
             labels.append(token if learn else IGNORE_INDEX)
 
-    truncated = len(input_ids) > max_length
-    cut = len(input_ids)
+    full_length = len(input_ids)
+    truncated = full_length > max_length
     if truncated:
-        cut = max_length
-        for s in starts:
-            if s < cut < s + span:  # the cut would split this image: cut before it instead
-                cut = s
-                break
-        input_ids, labels = input_ids[:cut], labels[:cut]
-    n_images = sum(1 for s in starts if s + span <= cut)
+        n_cut = sum(1 for s in starts if s + span > max_length)
+        if n_cut:  # a record must never silently lose an image (or turn into a text-only one)
+            raise BadRecord("truncated_image", f"{full_length} tokens after image expansion; cutting to "
+                                               f"max_length={max_length} would drop {n_cut} of its {len(starts)} "
+                                               "images")
+        input_ids, labels = input_ids[:max_length], labels[:max_length]
+    n_images = len(starts)
     if all(label == IGNORE_INDEX for label in labels):
         raise BadRecord("over_long", f"{len(ids) - found + found * span} tokens after image expansion; nothing "
                                      f"left to learn within max_length={max_length}")
-    return Encoded(input_ids=input_ids, labels=labels, n_images=n_images, truncated=truncated)
+    return Encoded(input_ids=input_ids, labels=labels, n_images=n_images, truncated=truncated,
+                   full_length=full_length)
 
 
 def build_sample(record: Record, processor, max_length: int) -> dict[str, torch.Tensor]:

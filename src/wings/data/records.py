@@ -10,12 +10,15 @@ image prepended to its first human turn; any other count mismatch is a bad recor
 from __future__ import annotations
 
 import json
+import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 from PIL import Image
 
+from ..images import DEFAULT_LIMITS, ImageError, ImageLimits, check_size, open_image
+from ..paths import read_text, require_file
 from ..processing import IMAGE_TOKEN
 from .report import BadRecord, where
 
@@ -40,14 +43,20 @@ class Record:
 def iter_raw_records(path: str | Path) -> Iterator[tuple[str, object]]:
     """Yield (location, parsed JSON value or BadRecord) for each record of a `.jsonl` or `.json` file.
 
-    A malformed JSONL line is one bad record; a `.json` file that does not parse as a list is a file error.
+    A malformed (or non-UTF-8) JSONL line is one bad record; a `.json` file that does not parse as a list is a
+    file error.
     """
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"data file {path} does not exist")
+    path = require_file(path, "data file")
     if path.suffix == ".jsonl":
-        with path.open(encoding="utf-8") as f:
-            for n, line in enumerate(f, start=1):
+        with path.open("rb") as f:
+            for n, raw_line in enumerate(f, start=1):
+                try:
+                    line = raw_line.decode("utf-8-sig" if n == 1 else "utf-8")
+                except UnicodeDecodeError as e:
+                    bad = BadRecord("not_utf8", f"the line is not UTF-8 text (byte 0x{raw_line[e.start]:02x} at "
+                                                f"column {e.start + 1})")
+                    yield where(path, line=n), bad
+                    continue
                 if not line.strip():
                     continue
                 try:
@@ -55,12 +64,17 @@ def iter_raw_records(path: str | Path) -> Iterator[tuple[str, object]]:
                 except json.JSONDecodeError as e:
                     bad = BadRecord("malformed_json", f"invalid JSON ({e.msg} at column {e.colno})")
                     yield where(path, line=n), bad
+                except RecursionError:
+                    yield where(path, line=n), BadRecord("malformed_json", "JSON nested too deeply to parse")
         return
+    text = read_text(path, "data file")
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
+        data = json.loads(text)
     except json.JSONDecodeError as e:
         hint = " (one record per line? name the file .jsonl)" if "Extra data" in e.msg else ""
         raise ValueError(f"data file {path} is not valid JSON: {e.msg} at line {e.lineno}{hint}") from e
+    except RecursionError:
+        raise ValueError(f"data file {path} holds JSON nested too deeply to parse") from None
     if not isinstance(data, list):
         raise ValueError(f"data file {path} holds a JSON {type(data).__name__}, expected a list of records")
     for i, raw in enumerate(data):
@@ -78,8 +92,9 @@ def _image_list(raw: dict) -> list[str]:
     if value is None:
         return []
     items = [value] if isinstance(value, str) else value
-    if not isinstance(items, list) or not all(isinstance(x, str) and x.strip() for x in items):
-        raise BadRecord("bad_fields", f"`image`/`images` must be a non-empty path or a list of them, got {value!r}")
+    if not isinstance(items, list) or not all(isinstance(x, str) and x.strip() and "\x00" not in x for x in items):
+        shown = repr(value) if len(repr(value)) <= 200 else repr(value)[:200] + "..."
+        raise BadRecord("bad_fields", f"`image`/`images` must be a non-empty path or a list of them, got {shown}")
     return items
 
 
@@ -134,31 +149,53 @@ def normalize(raw: object, location: str, image_root: Path, default_system: str 
     return Record(location=location, id=raw.get("id"), messages=tuple(messages), images=paths)
 
 
-def check_image(path: Path, mode: str = "verify") -> None:
-    """Scan-time image check. `verify` (default) reads the file's structure without decoding all pixels (cheap);
-    `load` decodes fully (catches every corrupt file, slower); `exists` only stats it; `none` skips."""
+# ImageError.reason (wings.images) -> the bad-record reason the data report counts it under.
+IMAGE_REASONS = {"missing": "missing_image", "not_a_file": "missing_image", "too_large": "image_limits",
+                 "too_many_pixels": "image_limits", "bad_aspect_ratio": "image_limits"}
+
+
+def _bad_image(err: ImageError) -> BadRecord:
+    return BadRecord(IMAGE_REASONS.get(err.reason, "corrupt_image"), str(err))
+
+
+def check_image(path: Path, mode: str = "verify", limits: ImageLimits = DEFAULT_LIMITS) -> None:
+    """Scan-time image check. `verify` (default) checks the size limits on the header and the file's structure
+    without decoding all pixels (cheap); `load` decodes fully through `open_image` (catches every corrupt file,
+    slower); `exists` only stats it; `none` skips."""
     if mode not in IMAGE_CHECKS:
         raise ValueError(f"image_check must be one of {IMAGE_CHECKS}, got {mode!r}")
     if mode == "none":
         return
-    if not path.is_file():
+    if not path.exists():
         raise BadRecord("missing_image", f"image {path} does not exist")
+    if not path.is_file():
+        raise BadRecord("missing_image", f"image {path} is not a file")
     if mode == "exists":
         return
+    if mode == "load":
+        load_image(path, limits)
+        return
+    size = path.stat().st_size
+    if size > limits.max_bytes:
+        raise BadRecord("image_limits", f"image {path} is {size:,} bytes, over the limit of {limits.max_bytes:,}")
     try:
-        with Image.open(path) as im:
-            im.verify() if mode == "verify" else im.load()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # our own limit is checked below
+            with Image.open(path) as im:
+                check_size(im.width, im.height, str(path), limits)  # from the header, before any decoding
+                im.verify()
+    except ImageError as e:
+        raise _bad_image(e) from None
+    except Image.DecompressionBombError as e:
+        raise BadRecord("image_limits", f"image {path} claims too many pixels ({e})") from None
     except Exception as e:  # PIL raises many types (OSError, SyntaxError, ValueError...) for bad files
         raise BadRecord("corrupt_image", f"image {path} cannot be decoded ({type(e).__name__}: {e})") from e
 
 
-def load_image(path: str | Path) -> Image.Image:
-    """Decode one image to RGB; errors become `BadRecord` so the dataset's policy applies."""
-    path = Path(path)
-    if not path.is_file():
-        raise BadRecord("missing_image", f"image {path} does not exist")
+def load_image(path: str | Path, limits: ImageLimits = DEFAULT_LIMITS) -> Image.Image:
+    """Decode one image to RGB through `wings.images.open_image` (limits checked before decoding); errors become
+    `BadRecord` so the dataset's policy applies."""
     try:
-        with Image.open(path) as im:
-            return im.convert("RGB")
-    except Exception as e:
-        raise BadRecord("corrupt_image", f"image {path} cannot be decoded ({type(e).__name__}: {e})") from e
+        return open_image(Path(path), limits)
+    except ImageError as e:
+        raise _bad_image(e) from None

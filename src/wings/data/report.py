@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import sys
-import tempfile
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,11 +19,23 @@ REASONS = {
     "role_order": "turns must be [system], user, assistant, user, assistant, ... ending with assistant",
     "empty_turn": "a turn's value is empty or whitespace",
     "placeholder_mismatch": "the number of `<image>` placeholders differs from the number of images",
-    "missing_image": "an image file does not exist",
+    "missing_image": "an image file does not exist (or is not a file)",
     "corrupt_image": "an image file cannot be decoded",
+    "image_limits": "an image is beyond the size limits (bytes, pixels or aspect ratio), checked before decoding",
     "over_long": "after image expansion and truncation to max_length no assistant token is left to learn",
+    "truncated_image": "truncation to max_length would cut off image tokens (the record would lose an image)",
+    "over_context": "longer than the model takes (its position router's width) even after truncation to max_length",
     "image_in_text_mix": "a record of the text-only mixing file has images",
+    "not_utf8": "the line is not UTF-8 text",
 }
+
+# Records kept but changed on the way in: counted and listed too, so no change is silent.
+CHANGES = {
+    "truncated": "cut to max_length tokens (text only: a cut through an image is a `truncated_image` skip)",
+}
+# Records that passed the scan but failed to load during training; the next record stood in for each.
+LOAD_FAILURE_NOTE = ("passed the scan but failed to load during training; the next record of the dataset was "
+                     "used in its place (use data.policy=error to stop instead)")
 
 
 class BadRecord(Exception):
@@ -52,6 +63,7 @@ class SkipReport:
     policy: str = "skip"
     entries: list[dict] = field(default_factory=list)
     kept: Counter = field(default_factory=Counter)  # per source file
+    changes: list[dict] = field(default_factory=list)  # kept records that were changed (e.g. truncated)
 
     def __post_init__(self):
         if self.policy not in POLICIES:
@@ -63,6 +75,16 @@ class SkipReport:
         if self.policy == "error":
             raise ValueError(f"bad training record at {message}")
         self.entries.append({"location": location, "id": record_id, "reason": error.reason, "detail": error.detail})
+
+    def changed(self, location: str, record_id, reason: str, detail: str) -> None:
+        """Count a kept record that was changed on the way in (one of `CHANGES`)."""
+        if reason not in CHANGES:
+            raise ValueError(f"unknown change {reason!r}")
+        self.changes.append({"location": location, "id": record_id, "reason": reason, "detail": detail})
+
+    @property
+    def changed_by_reason(self) -> dict[str, int]:
+        return dict(sorted(Counter(e["reason"] for e in self.changes).items()))
 
     @property
     def by_reason(self) -> dict[str, int]:
@@ -77,32 +99,71 @@ class SkipReport:
             "skipped_by_reason": self.by_reason,
             "reasons": {r: REASONS[r] for r in self.by_reason},
             "skipped_records": self.entries,
+            "changed": len(self.changes),
+            "changed_by_reason": self.changed_by_reason,
+            "changes": {r: CHANGES[r] for r in self.changed_by_reason},
+            "changed_records": self.changes,
             **(extra or {}),
         }
 
     def summary(self) -> str:
         kept = sum(self.kept.values())
         if not self.entries:
-            return f"data: kept {kept} records, skipped none"
-        reasons = ", ".join(f"{r}={n}" for r, n in self.by_reason.items())
-        return f"data: kept {kept} records, skipped {len(self.entries)} ({reasons})"
+            text = f"data: kept {kept} records, skipped none"
+        else:
+            reasons = ", ".join(f"{r}={n}" for r, n in self.by_reason.items())
+            text = f"data: kept {kept} records, skipped {len(self.entries)} ({reasons})"
+        if self.changes:
+            text += "; changed " + ", ".join(f"{r}={n}" for r, n in self.changed_by_reason.items())
+        return text
 
     def print_summary(self, report_path: str | Path | None = None) -> None:
-        tail = f"; report: {report_path}" if report_path and self.entries else ""
+        tail = f"; report: {report_path}" if report_path and (self.entries or self.changes) else ""
         print(self.summary() + tail, file=sys.stderr)
 
 
 def write_json_atomic(path: str | Path, data) -> Path:
     """Write to a temp file in the same folder, then rename: readers never see a half-written report."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    from ..atomic import write_json_atomic as write
+
+    return write(path, data)
+
+
+def log_load_failure(log: Path | None, location: str, record_id, error: BadRecord) -> None:
+    """Append one load-time failure as a JSON line (one small `write` in append mode, so lines from several
+    dataloader workers or ranks do not interleave)."""
+    if log is None:
+        return
+    line = json.dumps({"location": location, "id": record_id, "reason": error.reason, "detail": error.detail},
+                      ensure_ascii=False, default=str) + "\n"
+    log.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(log, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
     try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(data, f, indent=2, ensure_ascii=False, default=str)
-            f.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+        os.write(fd, line.encode("utf-8"))
+    finally:
+        os.close(fd)
+
+
+def merge_load_failures(report_path: Path, log: Path) -> dict | None:
+    """Add the load-time failures logged in `log` to the report at `report_path` (`replaced_at_load`) and print a
+    summary line; returns that section (None when nothing failed)."""
+    if not log.is_file():
+        return None
+    entries = []
+    for line in log.read_text(encoding="utf-8", errors="replace").splitlines():
+        try:
+            entries.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue  # a line cut short by a crash mid-append
+    if not entries:
+        return None
+    section = {"count": len(entries), "records": len({(e.get("location"), str(e.get("id"))) for e in entries}),
+               "by_reason": dict(sorted(Counter(e.get("reason") for e in entries).items())),
+               "note": LOAD_FAILURE_NOTE, "failures": entries}
+    report = json.loads(report_path.read_text(encoding="utf-8")) if report_path.is_file() else {}
+    report["replaced_at_load"] = section
+    write_json_atomic(report_path, report)
+    reasons = ", ".join(f"{r}={n}" for r, n in section["by_reason"].items())
+    print(f"data: {section['count']} sample loads failed during training and were replaced by the next record "
+          f"({reasons}); report: {report_path}", file=sys.stderr)
+    return section

@@ -188,6 +188,7 @@ def stage_overrides(stage: str, model_dir: Path, data_path: Path, out_dir: Path,
             f"train.max_steps={steps}", f"train.batch_size={batch_size}", "train.grad_accum=1",
             "train.precision=fp32", "train.gradient_checkpointing=false", "train.report_to=[]",
             f"train.save_steps={10 ** 9}", "train.logging_steps=1", "train.use_cpu=true", "train.resume=null",
+            "overwrite=true",  # a demo rerun into the same --out replaces its stages (train refuses otherwise)
             "data.max_length=256"]
     return sets + [f"groups.{group}.lr={lr}" for group, lr in lrs.items()]
 

@@ -223,7 +223,17 @@ def run_demo(out_dir: str | Path, mode: str = "quick", seed: int = 0, progress: 
 
 
 def table(results: dict) -> str:
-    """The printed summary (the same markdown table as REPORT.md) and the total time."""
+    """The printed summary (the same markdown table as REPORT.md), the total time, and the command that opens
+    the two trained models side by side in the web page."""
     timings = results["timings"]
     return (f"{analysis.summary_table(results)}\ntotal time {timings['total']:.0f} s "
-            f"(CPU time {timings.get('cpu_total', float('nan')):.0f} s, {results.get('threads', '?')} threads)")
+            f"(CPU time {timings.get('cpu_total', float('nan')):.0f} s, {results.get('threads', '?')} threads)\n"
+            f"compare them in a browser: {serve_command(results)}")
+
+
+def serve_command(results: dict) -> str:
+    """`wings serve WINGS --compare LLAVA` on this run's two stage-2 models (the web page's compare mode)."""
+    import shlex
+
+    final = {f: shlex.quote(str(results["stages"][f"{f}_stage2"]["final_dir"])) for f in FAMILIES}
+    return f"wings serve {final['wings']} --compare {final['llava']} --served-model-name wings --compare-name llava"

@@ -10,7 +10,7 @@ import gc
 from pathlib import Path
 
 from .io import write_json
-from .models import load_eval_model
+from .models import load_eval_model, model_type_of
 from .plots import accuracy_bars
 from .runner import evaluate_task, load_tasks, write_results
 from .tasks import Task
@@ -30,6 +30,9 @@ def model_labels(base_dir: str | Path, model_dirs: list[str | Path], labels: lis
     if labels and len(labels) != len(model_dirs):
         raise ValueError(f"got {len(labels)} --label values for {len(model_dirs)} --model directories")
     names = [base_label or Path(base_dir).resolve().name, *(labels or [Path(p).resolve().name for p in model_dirs])]
+    for name in names:  # each label names a results folder under --out
+        if not name.strip() or name in (".", "..") or "/" in name or "\\" in name:
+            raise ValueError(f"label {name!r} cannot name a results folder; use a non-empty name without slashes")
     dupes = sorted({n for n in names if names.count(n) > 1})
     if dupes:
         raise ValueError(f"several models are labelled {', '.join(dupes)}; give distinct --label / --base-label values")
@@ -66,6 +69,21 @@ def forgetting_table(base_label: str, scores: dict[str, dict[str, dict]]) -> dic
             "macro_mean": means}
 
 
+def check_outputs(out_dir: str | Path, labels: list[str], model_dirs: list, tasks: list[Task]) -> Path:
+    """Refuse an --out that is (or would write into) a model directory or a task file, before anything runs."""
+    from ..paths import Output, OutputError, expand, guard_outputs
+
+    out_dir = expand(out_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise OutputError(f"--out {out_dir} is a file, expected a directory")
+    outputs = [Output("--out", out_dir, may_contain_inputs=True), Output("--out's forgetting.json",
+               out_dir / "forgetting.json"), Output("--out's forgetting.png", out_dir / "forgetting.png")]
+    outputs += [Output(f"--out's results folder for {label!r}", out_dir / label) for label in labels]
+    inputs = [("model directory", p) for p in model_dirs] + [("--task", t.path) for t in tasks]
+    guard_outputs(outputs, inputs)
+    return out_dir
+
+
 def run_forgetting(base_dir: str | Path, model_dirs: list[str | Path], task_paths: list[str | Path],
                    out_dir: str | Path,
                    labels: list[str] | None = None, base_label: str | None = None, batch_size: int = 8,
@@ -76,7 +94,9 @@ def run_forgetting(base_dir: str | Path, model_dirs: list[str | Path], task_path
     if not model_dirs:
         raise ValueError("give at least one --model to compare with the base LLM")
     all_labels = model_labels(base_dir, model_dirs, labels, base_label)
-    out_dir = Path(out_dir)
+    out_dir = check_outputs(out_dir, all_labels, [base_dir, *model_dirs], tasks)
+    for flag, path in zip(["--base", *["--model"] * len(model_dirs)], [base_dir, *model_dirs], strict=True):
+        model_type_of(path, flag)  # every directory checked before the first model is scored
     settings = {"batch_size": batch_size, "length_normalised": length_normalised, "max_new_tokens": max_new_tokens,
                 "dtype": dtype}
     scores: dict[str, dict[str, dict]] = {}

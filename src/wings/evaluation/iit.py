@@ -10,6 +10,7 @@ configuration's dialogues do not depend on which other configurations are built.
 
 from __future__ import annotations
 
+import math
 import os
 import random
 from collections.abc import Sequence
@@ -19,6 +20,7 @@ from .io import write_jsonl
 from .tasks import Task, TaskItem, load_task
 
 PAPER_CONFIGS = ("T", "TT", "TTT", "TTV", "TV", "V")
+MAX_PER_CONFIG = 1_000_000  # dialogues are built in memory; far beyond any benchmark's size
 
 
 def parse_configs(spec: str | Sequence[str]) -> list[str]:
@@ -86,6 +88,11 @@ def build_iit(text_pool: Task, mm_pool: Task, configs: Sequence[str], per_config
             if c.count(kind) > len(pools[kind]):
                 raise ValueError(f"configuration {c} needs {c.count(kind)} distinct {name} items per dialogue but "
                                  f"the {name} pool has {len(pools[kind])}")
+        distinct = math.perm(len(pools["T"]), c.count("T")) * math.perm(len(pools["V"]), c.count("V"))
+        if per_config > min(distinct, MAX_PER_CONFIG):
+            why = (f"the pools allow only {distinct:,} distinct {c} dialogues, so some would be scored twice"
+                   if per_config > distinct else f"the limit is {MAX_PER_CONFIG:,} per configuration")
+            raise ValueError(f"--per-config {per_config:,} is too many for configuration {c}: {why}")
     out_dir = Path(out_dir)
     records = []
     for c in configs:
@@ -98,8 +105,11 @@ def build_iit(text_pool: Task, mm_pool: Task, configs: Sequence[str], per_config
 
 def build_iit_file(text_pool: str | Path, mm_pool: str | Path, configs: Sequence[str] | str, per_config: int,
                    seed: int, out: str | Path) -> list[dict]:
-    out = Path(out)
-    records = build_iit(load_task(text_pool), load_task(mm_pool), parse_configs(configs), per_config, seed,
-                        out.parent)
+    from ..paths import Output, check_output_file, guard_outputs
+
+    out = check_output_file(out, "--out")
+    text, mm = load_task(text_pool), load_task(mm_pool)
+    guard_outputs([Output("--out", out)], [("--text-pool", text.path), ("--mm-pool", mm.path)])
+    records = build_iit(text, mm, parse_configs(configs), per_config, seed, out.parent)
     write_jsonl(out, records)
     return records

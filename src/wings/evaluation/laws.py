@@ -117,6 +117,10 @@ def compute_laws(em: EvalModel, task: Task, queries: str = "all", batch_size: in
         raise ValueError(f"LAWS needs a multimodal model; {em.path} is a text-only LLM")
     if queries not in QUERY_SETS:
         raise ValueError(f"queries must be one of {QUERY_SETS}, got {queries!r}")
+    if max_items is not None and max_items < 1:
+        raise ValueError(f"max_items must be >= 1 (or None for all), got {max_items}")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     items = task.items[:max_items] if max_items else task.items
     for item in items:
         if not item.all_images:

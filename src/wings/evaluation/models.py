@@ -6,7 +6,6 @@ ChatML when it has none), so a base LLM and the MLLMs built on it see identical 
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -110,17 +109,11 @@ class EvalModel:
         return Prompt(out["input_ids"][0].tolist(), out.get("pixel_values"))
 
 
-def model_type_of(path: str | Path) -> str:
-    path = Path(path)
-    if not path.is_dir():
-        raise FileNotFoundError(f"model directory {path} does not exist")
-    config = path / "config.json"
-    if not config.is_file():
-        raise ValueError(f"{path} has no config.json; is it a Hugging Face model directory?")
-    try:
-        return json.loads(config.read_text()).get("model_type", "")
-    except json.JSONDecodeError as err:
-        raise ValueError(f"{config} is not valid JSON: {err.msg}") from None
+def model_type_of(path: str | Path, what: str = "model directory", kind: str = "any") -> str:
+    """The model_type of a model directory, after checking it (config.json, kind, weights) without loading it."""
+    from ..model_dir import check_model_dir
+
+    return str(check_model_dir(path, what, kind=kind).get("model_type", ""))
 
 
 def default_device() -> str:
@@ -128,8 +121,9 @@ def default_device() -> str:
 
 
 def load_eval_model(path: str | Path, device: str | None = None, dtype: str = "float32",
-                    label: str | None = None) -> EvalModel:
-    """`model_type == "wings"` -> AutoModelForImageTextToText + AutoProcessor; anything else -> a causal LM."""
+                    label: str | None = None, what: str = "model directory", kind: str = "any") -> EvalModel:
+    """`model_type == "wings"` -> AutoModelForImageTextToText + AutoProcessor; anything else -> a causal LM.
+    `what` names the directory in messages; `kind="wings"` refuses anything but a Wings model before loading."""
     from transformers import (
         AutoModelForCausalLM,
         AutoModelForImageTextToText,
@@ -143,7 +137,7 @@ def load_eval_model(path: str | Path, device: str | None = None, dtype: str = "f
     torch_dtype = getattr(torch, dtype, None)
     if not isinstance(torch_dtype, torch.dtype):
         raise ValueError(f"unknown dtype {dtype!r}; use float32, bfloat16 or float16")
-    if model_type_of(path) == "wings":
+    if model_type_of(path, what, kind) == "wings":
         model = AutoModelForImageTextToText.from_pretrained(path, dtype=torch_dtype)
         processor = AutoProcessor.from_pretrained(path)
         tokenizer, template = processor.tokenizer, processor.chat_template or CHATML_TEMPLATE

@@ -110,6 +110,19 @@ def load_tasks(paths) -> list[Task]:
     return tasks
 
 
+def result_paths(out, tasks: list[Task]) -> list:
+    """Every file `write_results` writes for these tasks (for the output-path guard, before anything is run)."""
+    from pathlib import Path
+
+    out = Path(out)
+    paths = [out]
+    for task in tasks:
+        paths.append(out.with_name(f"{out.stem}.{task.name}.predictions.jsonl"))
+        if any(item.config for item in task.items):
+            paths.append(out.with_name(f"{out.stem}.{task.name}.iit.png"))
+    return paths
+
+
 def write_results(em: EvalModel, results: list[TaskResult], out, settings: dict) -> dict:
     """results JSON at `out`; next to it `<stem>.<task>.predictions.jsonl` (and `<stem>.<task>.iit.png` for IIT)."""
     from pathlib import Path

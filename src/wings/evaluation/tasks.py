@@ -15,6 +15,10 @@ from pathlib import Path
 
 from PIL import Image
 
+from ..data.records import check_image
+from ..data.report import BadRecord
+from ..images import ImageError, open_image
+from ..paths import require_file
 from ..processing import IMAGE_TOKEN
 
 
@@ -66,20 +70,25 @@ class Task:
 
 
 def load_task(path: str | Path, name: str | None = None) -> Task:
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"task file {path} does not exist")
+    path = require_file(path, "task file")
     items: list[TaskItem] = []
     seen: dict[str, int] = {}
-    with path.open(encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
+    with path.open("rb") as f:
+        for lineno, raw_line in enumerate(f, 1):
+            where = f"{path} line {lineno}"
+            try:
+                line = raw_line.decode("utf-8-sig" if lineno == 1 else "utf-8")
+            except UnicodeDecodeError as err:
+                raise TaskError(f"{where}: not UTF-8 text (byte 0x{raw_line[err.start]:02x} at column "
+                                f"{err.start + 1}); save the file as UTF-8") from None
             if not line.strip():
                 continue
-            where = f"{path} line {lineno}"
             try:
                 record = json.loads(line)
             except json.JSONDecodeError as err:
                 raise TaskError(f"{where}: not valid JSON ({err.msg})") from None
+            except RecursionError:
+                raise TaskError(f"{where}: JSON nested too deeply to parse") from None
             item = parse_record(record, path.parent, where)
             if item.id in seen:
                 raise TaskError(f"{where} (id {item.id!r}): duplicate id, first seen on line {seen[item.id]}")
@@ -129,13 +138,27 @@ def parse_record(record, base_dir: Path, where: str) -> TaskItem:
             raise fail("'options' must be a non-empty list of strings")
         if not all(isinstance(o, str) and o.strip() for o in options):
             raise fail("every option must be a non-empty string")
+        if len(options) < 2:
+            raise fail(f"a multiple-choice item needs at least 2 options to discriminate; with {len(options)} it "
+                       "would always be scored correct")
         if len(set(options)) != len(options):
             raise fail("'options' has duplicates, so the answer would be ambiguous")
+        folded = [" ".join(o.split()).casefold() for o in options]
+        if len(set(folded)) != len(folded):
+            raise fail(f"'options' {options} has options that differ only in case or spacing, so the answer "
+                       "would be ambiguous")
         index = _answer_index(answer, options, fail)
         return TaskItem(rid, question, [options[index]], options, index, images, context, config)
     answers = answer if isinstance(answer, list) else [answer]
-    if not answers or not all(isinstance(a, str | int | float) and str(a).strip() for a in answers):
+    if not answers or not all(isinstance(a, str | int | float) and not isinstance(a, bool) and str(a).strip()
+                              for a in answers):
         raise fail("'answer' must be a non-empty string (or a list of them) for an open question")
+    from .scoring import normalise_answer  # (scoring imports this module)
+
+    for a in answers:
+        if not normalise_answer(str(a)):
+            raise fail(f"the accepted answer {a!r} is empty once normalised (lowercase, no punctuation or "
+                       "articles), so an empty reply would be scored correct")
     return TaskItem(rid, question, [str(a) for a in answers], None, None, images, context, config)
 
 
@@ -152,13 +175,17 @@ def _images(record: dict, base_dir: Path, fail, question: str) -> list[Path]:
     if "image" in record and "images" in record:
         raise fail("give 'image' or 'images', not both")
     raw = record.get("images", [record["image"]] if "image" in record else [])
-    if not isinstance(raw, list) or not all(isinstance(p, str) and p for p in raw):
+    if not isinstance(raw, list) or not all(isinstance(p, str) and p and "\x00" not in p for p in raw):
         raise fail("'image' must be a path string and 'images' a list of path strings")
     paths = []
     for p in raw:
         full = Path(p) if Path(p).is_absolute() else base_dir / p
         if not full.is_file():
             raise fail(f"unknown image {p!r} (looked for {full})")
+        try:  # size limits on the header and the file's structure, now: not after the model has scored half
+            check_image(full, "verify")
+        except BadRecord as err:
+            raise fail(err.detail) from None
         paths.append(full)
     n_placeholders = question.count(IMAGE_TOKEN)
     if n_placeholders and n_placeholders != len(paths):
@@ -174,11 +201,17 @@ def _answer_index(answer, options: list[str], fail) -> int:
             raise fail(f"'answer' index {answer} is out of range for {len(options)} options")
         return answer
     if isinstance(answer, str):
-        if answer in options:
-            return options.index(answer)
         letter = answer.strip().upper()
-        if len(letter) == 1 and letter in string.ascii_uppercase[: len(options)]:
-            return string.ascii_uppercase.index(letter)
+        by_letter = string.ascii_uppercase.index(letter) if len(letter) == 1 and \
+            letter in string.ascii_uppercase[: len(options)] else None
+        if answer in options:
+            by_text = options.index(answer)
+            if by_letter is not None and by_letter != by_text:
+                raise fail(f"'answer' {answer!r} is ambiguous: it is option {by_text} by its text and option "
+                           f"{by_letter} by its letter; give the index instead")
+            return by_text
+        if by_letter is not None:
+            return by_letter
     raise fail(f"'answer' {answer!r} is not one of the options {options}")
 
 
@@ -204,11 +237,11 @@ def messages(item: TaskItem) -> list[dict]:
 
 
 def open_images(item: TaskItem) -> list[Image.Image]:
+    """The item's images through `wings.images.open_image` (size limits checked before decoding)."""
     out = []
     for path in item.all_images:
         try:
-            with Image.open(path) as img:
-                out.append(img.convert("RGB"))
-        except OSError as err:
-            raise TaskError(f"record {item.id!r}: cannot read image {path}: {err}") from None
+            out.append(open_image(path))
+        except ImageError as err:
+            raise TaskError(f"record {item.id!r}: {err}") from None
     return out

@@ -151,5 +151,12 @@ class LoRRALearner(nn.Module):
         return self.o_proj(attn)
 
     def anchor(self) -> torch.Tensor:
-        """0 * (sum of parameters): keeps every parameter in the graph when the learner is skipped (DDP/ZeRO)."""
-        return sum(p.sum() for p in self.parameters()) * 0.0
+        """0 * (sum of parameters): keeps every parameter in the graph when the learner is skipped (DDP/FSDP/ZeRO-2).
+
+        DeepSpeed ZeRO-3 parameters (they carry `ds_id`) are left out: outside their module's forward they hold no
+        data, so a sum over them gives a 0-element gradient that ZeRO-3 rejects ("0 != N Cannot reduce scatter"),
+        and ZeRO-3's flat gradient buffer counts a parameter without a gradient as a zero gradient anyway.
+        """
+        params = [p for p in self.parameters() if not hasattr(p, "ds_id")]
+        zero = next(self.parameters()).new_zeros(())
+        return sum((p.sum() for p in params), zero) * 0.0

@@ -17,6 +17,7 @@ Values are coerced to the declared field types, so YAML's `2e-5` (a string to Py
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import types
 import typing
 from dataclasses import dataclass, field
@@ -25,9 +26,12 @@ from typing import Any
 
 import yaml
 
+from ..paths import read_text, require_file
+
 GROUPS = ("vision_tower", "projector", "llm", "visual_learner", "textual_learner", "router")
 PRECISIONS = ("fp32", "bf16", "fp16")
 DATA_POLICIES = ("skip", "error")
+INTEGRATIONS = {"tensorboard": "tensorboard", "wandb": "wandb", "mlflow": "mlflow", "comet_ml": "comet_ml"}
 DEFAULT_LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
@@ -68,6 +72,7 @@ class ModelConfig:
     dtype: str = "float32"
 
     def __post_init__(self) -> None:
+        self.path = _expand(self.path)
         if self.dtype not in ("float32", "bfloat16", "float16"):
             raise ValueError(f"model.dtype must be float32, bfloat16 or float16, got {self.dtype!r}")
 
@@ -94,6 +99,7 @@ class DataConfig:
     num_workers: int = 0
 
     def __post_init__(self) -> None:
+        self.path, self.image_root, self.text_mix_path = map(_expand, (self.path, self.image_root, self.text_mix_path))
         if self.policy not in DATA_POLICIES:
             raise ValueError(f"data.policy must be one of {DATA_POLICIES}, got {self.policy!r}")
         if self.max_length < 8:
@@ -141,6 +147,7 @@ class OptimConfig:
         report_to: HF integrations ("tensorboard", "wandb") or [] for none.
         resume: None (fresh), "auto" (latest complete checkpoint in output_dir, if any) or a checkpoint path.
         deepspeed: a DeepSpeed JSON (configs/deepspeed/zero2.json, zero3.json).
+        fsdp: an HF `fsdp_config` JSON (configs/accelerate/fsdp.json, fsdp_sharded.json): FSDP instead of DDP.
         use_cpu: train on CPU even when a GPU is present.  ddp_backend: None (auto), "gloo" or "nccl".
         extra_args: anything else, passed to `TrainingArguments` verbatim.
     """
@@ -163,6 +170,7 @@ class OptimConfig:
     report_to: list[str] = field(default_factory=lambda: ["tensorboard"])
     resume: str | None = None
     deepspeed: str | None = None
+    fsdp: str | None = None
     use_cpu: bool = False
     ddp_backend: str | None = None
     extra_args: dict[str, Any] = field(default_factory=dict)
@@ -179,8 +187,46 @@ class OptimConfig:
                 raise ValueError(f"train.{name} must be >= 1, got {getattr(self, name)}")
         if self.max_steps <= 0 and self.epochs <= 0:
             raise ValueError("set train.max_steps > 0 or train.epochs > 0")
-        if self.deepspeed and not Path(self.deepspeed).is_file():
-            raise FileNotFoundError(f"train.deepspeed: {self.deepspeed} does not exist")
+        if not 0 <= self.seed < 2**32:
+            raise ValueError(f"train.seed must be in [0, 2**32), got {self.seed}")
+        check_scheduler(self.lr_scheduler)
+        check_report_to(self.report_to)
+        self.deepspeed = _expand(self.deepspeed)
+        if self.deepspeed:
+            require_file(self.deepspeed, "train.deepspeed")
+        self._check_fsdp()
+        if self.resume is not None and not self.resume.strip():
+            self.resume = None
+
+    def _check_fsdp(self) -> None:
+        self.fsdp = _expand(self.fsdp)
+        if not self.fsdp:
+            return
+        require_file(self.fsdp, "train.fsdp")
+        if self.deepspeed:
+            raise ValueError("train.fsdp and train.deepspeed are two engines: set one of them")
+
+
+def check_scheduler(name: str) -> None:
+    from transformers import SchedulerType
+
+    schedulers = [s.value for s in SchedulerType]
+    if name not in schedulers:
+        raise ValueError(f"train.lr_scheduler {name!r} is not an HF scheduler; one of {schedulers}")
+
+
+def check_report_to(names: list[str]) -> None:
+    """Known logging integrations that are installed (HF would fail later, naming neither the key nor the fix)."""
+    from transformers.integrations.integration_utils import INTEGRATION_TO_CALLBACK
+
+    unknown = [n for n in names if n not in INTEGRATION_TO_CALLBACK and n not in ("all", "none")]
+    if unknown:
+        raise ValueError(f"train.report_to {unknown}: unknown integration(s); known: "
+                         f"{sorted(INTEGRATION_TO_CALLBACK)} (or [] for none)")
+    missing = [n for n in names if n in INTEGRATIONS and importlib.util.find_spec(INTEGRATIONS[n]) is None]
+    if missing:
+        raise ValueError(f"train.report_to {missing}: not installed (pip install {' '.join(missing)}); "
+                         "use train.report_to=[] for none")
 
 
 @dataclass
@@ -190,6 +236,7 @@ class TrainConfig:
     stage: str = "custom"
     mode: str = "wings"
     output_dir: str = "runs/train"
+    overwrite: bool = False  # replace an earlier run in output_dir (its checkpoints and final/) instead of refusing
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     groups: dict[str, GroupConfig] = field(default_factory=dict)
@@ -212,6 +259,7 @@ class TrainConfig:
             raise ValueError("no parameter group is set to train (groups.<name>.train: true)")
         if not self.output_dir:
             raise ValueError("output_dir is empty")
+        self.output_dir = _expand(self.output_dir)
 
     def trains(self, group: str) -> bool:
         return group in self.groups and self.groups[group].train
@@ -231,6 +279,11 @@ class TrainConfig:
         return dataclasses.asdict(self)
 
 
+def _expand(path: str | None) -> str | None:
+    """`~` expanded in path fields (a `--flag=~/x` or a YAML value reaches us unexpanded by the shell)."""
+    return str(Path(path).expanduser()) if path else path
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Loading: YAML -> dict -> overrides -> typed dataclasses.
 
@@ -242,11 +295,9 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     where = "config"
     if path is not None:
         where = str(path)
-        p = Path(path)
-        if not p.is_file():
-            raise FileNotFoundError(f"training config {p} does not exist")
+        p = require_file(path, "training config")
         try:
-            loaded = yaml.safe_load(p.read_text()) or {}
+            loaded = yaml.safe_load(read_text(p, "training config")) or {}
         except yaml.YAMLError as err:
             raise ValueError(f"{p}: not valid YAML: {err}") from err
         if not isinstance(loaded, dict):
@@ -341,6 +392,9 @@ def coerce(value: Any, hint: Any, name: str) -> Any:
             raise ValueError(f"{name} must be an integer, got {value!r}")
         return int(as_float)
     if hint is str:
+        if isinstance(value, bool):
+            raise ValueError(f"{name} must be a string, got {str(value).lower()} (YAML reads yes/no/on/off/true/"
+                             "false as booleans; quote the value if you mean the word)")
         if isinstance(value, (dict, list)) or value is None:
             raise ValueError(f"{name} must be a string, got {value!r}")
         return str(value)
@@ -349,9 +403,6 @@ def coerce(value: Any, hint: Any, name: str) -> Any:
 
 def dump_config(config: TrainConfig, path: str | Path) -> Path:
     """Write the resolved config as YAML, atomically (temp file, then rename)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
-    tmp.replace(path)
-    return path
+    from ..atomic import write_text_atomic
+
+    return write_text_atomic(path, yaml.safe_dump(config.to_dict(), sort_keys=False, allow_unicode=True))

@@ -19,8 +19,12 @@ import torch
 from transformers import AutoProcessor, TrainingArguments, set_seed
 
 from .config import TrainConfig, dump_config
+from .engines import engine_arguments, init_restarted_process_group, prepare_engine
+from .preflight import plan_run, start_run
 from .stages import merge_lora, prepare_model, stage_learning_rates
-from .trainer import LossRecorder, WingsTrainer, checkpoints, latest_complete_checkpoint, save_final_atomic
+from .trainer import LossRecorder, WingsTrainer, checkpoints, save_final_atomic
+
+LOAD_FAILURES = "load_failures.jsonl"  # records that failed to load mid-run (appended by every worker and rank)
 
 
 @dataclass
@@ -46,6 +50,8 @@ class TrainResult:
     checkpoints: list[Path] = field(default_factory=list)
     log_dir: Path | None = None
     resumed_from: Path | None = None
+    start_step: int = 0  # the step this run started from (the resumed checkpoint's, else 0)
+    already_finished: bool = False  # the run had finished before: nothing was trained and final/ was left alone
 
 
 def training_arguments(config: TrainConfig) -> TrainingArguments:
@@ -83,52 +89,48 @@ def training_arguments(config: TrainConfig) -> TrainingArguments:
         dataloader_num_workers=config.data.num_workers,
         remove_unused_columns=False,  # the collator emits exactly the model's inputs
     )
+    kwargs.update(engine_arguments(config))
     kwargs.update(config.train.extra_args)
     return TrainingArguments(**kwargs)
 
 
-def build_data(config: TrainConfig, processor):
-    """The data pipeline's dataset + collator for `config.data`."""
+def build_data(config: TrainConfig, processor, context_length: int | None = None):
+    """The data pipeline's dataset + collator for `config.data`. `context_length`: the model's hard limit (the
+    position router's width); longer records are skipped at scan time, counted as `over_context`."""
     from ..data import WingsDataCollator, build_dataset
 
     if not config.data.path:
         raise ValueError("data.path is empty: give a LLaVA JSON/JSONL file (--set data.path=FILE)")
+    output_dir = Path(config.output_dir).expanduser()
     dataset = build_dataset(
-        config.data.path, processor, image_root=config.data.image_root, max_length=config.data.max_length,
-        policy=config.data.policy,
-        report_path=Path(config.output_dir) / "data_report.json" if is_main_process() else None,
+        Path(config.data.path).expanduser(), processor, image_root=config.data.image_root,
+        max_length=config.data.max_length, policy=config.data.policy,
         text_mix_path=config.data.text_mix_path, text_mix_ratio=config.data.text_mix_ratio, seed=config.train.seed,
-        progress=is_main_process(),
+        progress=is_main_process(), context_length=context_length, failure_log=output_dir / LOAD_FAILURES,
     )
     return dataset, WingsDataCollator.from_processor(processor)
 
 
-def resolve_resume(config: TrainConfig) -> Path | None:
-    resume = config.train.resume
-    if resume in (None, "", "none"):
-        return None
-    if resume == "auto":
-        return latest_complete_checkpoint(config.output_dir)
-    path = Path(resume)
-    if not path.is_dir():
-        raise FileNotFoundError(f"train.resume: checkpoint {path} does not exist")
-    if not (path / "trainer_state.json").is_file():
-        raise ValueError(f"train.resume: {path} is not a complete HF checkpoint (no trainer_state.json)")
-    return path
-
-
 def train(config: TrainConfig, train_dataset=None, data_collator=None, callbacks: list | None = None) -> TrainResult:
     """Run one stage. `train_dataset`/`data_collator` replace the `config.data` pipeline when given; `callbacks`
-    are extra HF `TrainerCallback`s."""
+    are extra HF `TrainerCallback`s. Everything is checked before a model is built or a file is written (see
+    `training.preflight`): a resume continues the same run or is refused, a finished run is not trained again."""
+    init_restarted_process_group(config)  # before anything joins a process group (torchrun --max-restarts)
+    plan = plan_run(config, custom_data_name(train_dataset))
+    announce(plan)
+    if plan.finished:
+        return finished_result(config, plan)
     set_seed(config.train.seed)  # fresh learners / router added on load draw from this
     model, trainable = prepare_model(config)
     processor = AutoProcessor.from_pretrained(config.model.path)
-    output_dir = Path(config.output_dir)
+    output_dir = plan.output_dir
+    if train_dataset is None:  # scanned before anything is written: bad data leaves an old run untouched
+        train_dataset, built_collator = build_data(config, processor, context_length=hard_context_length(model))
+        data_collator = data_collator or built_collator
+    start_run(plan, is_main_process())
     if is_main_process():
         dump_config(config, output_dir / "train_config.yaml")
-    if train_dataset is None:
-        train_dataset, built_collator = build_data(config, processor)
-        data_collator = data_collator or built_collator
+        write_data_report(output_dir, train_dataset)
     if data_collator is None:
         from ..data import WingsDataCollator
 
@@ -140,15 +142,18 @@ def train(config: TrainConfig, train_dataset=None, data_collator=None, callbacks
         processing_class=processor, callbacks=[recorder, *(callbacks or [])], group_lrs=lrs, group_weight_decays=wds,
         group_by_modality=config.data.group_by_modality,
     )
-    zero3 = trainer.is_deepspeed_enabled and trainer.accelerator.state.deepspeed_plugin.zero_stage == 3
-    if config.lora.enabled and zero3:
+    engine = prepare_engine(config, trainer, train_dataset)
+    if config.lora.enabled and engine == "deepspeed-zero3":
         raise ValueError("lora.enabled with DeepSpeed ZeRO-3 is not supported (the adapters are merged into "
                          "partitioned weights before the final save); use configs/deepspeed/zero2.json")
     if is_main_process():
         summary = ", ".join(f"{g} {n / 1e6:.3f}M @ lr {lrs[g]:g}" for g, n in sorted(trainable.items()))
-        print(f"[wings train] stage {config.stage}: training {summary}", flush=True)
-    resume = resolve_resume(config)
+        print(f"[wings train] stage {config.stage} ({engine}, {trainer.args.world_size} process(es)): "
+              f"training {summary}", flush=True)
+    resume = plan.resume
     output = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+    if is_main_process():
+        record_load_failures(output_dir)
     if config.lora.enabled:
         merge_lora(trainer.model)  # the saved model is a plain Wings model again
     final_dir = save_final_atomic(trainer, processor, output_dir / "final")
@@ -159,8 +164,53 @@ def train(config: TrainConfig, train_dataset=None, data_collator=None, callbacks
         final_dir=final_dir, output_dir=output_dir, steps=recorder.steps, losses=recorder.losses,
         global_step=trainer.state.global_step, train_loss=float(output.training_loss), trainable=trainable,
         checkpoints=checkpoints(output_dir),
-        log_dir=log_dir, resumed_from=resume,
+        log_dir=log_dir, resumed_from=resume, start_step=plan.resume_step,
     )
+
+
+def custom_data_name(dataset) -> str | None:
+    """How a dataset given in code enters the run identity (None: the config's data files are fingerprinted)."""
+    if dataset is None:
+        return None
+    size = len(dataset) if hasattr(dataset, "__len__") else "?"
+    return f"{type(dataset).__name__} of {size} items"
+
+
+def announce(plan) -> None:
+    if is_main_process():
+        for note in plan.notes:
+            print(f"[wings train] {note}", flush=True)
+
+
+def finished_result(config: TrainConfig, plan) -> TrainResult:
+    out = plan.output_dir
+    log_dir = out / "runs" if "tensorboard" in config.train.report_to else None
+    return TrainResult(final_dir=out / "final", output_dir=out, global_step=plan.resume_step,
+                       checkpoints=checkpoints(out), log_dir=log_dir, resumed_from=plan.resume,
+                       start_step=plan.resume_step, already_finished=True)
+
+
+def hard_context_length(model) -> int | None:
+    """Tokens a sample may have: the position router has one column per position and none beyond its width."""
+    config = model.config
+    if config.mode == "wings" and config.use_router and config.router_type == "position":
+        return int(config.router_width)
+    return None
+
+
+def write_data_report(output_dir: Path, dataset) -> None:
+    """data_report.json: what the scan kept, skipped and changed (written once the run has started)."""
+    from ..data.report import write_json_atomic
+
+    if getattr(dataset, "report", None) is not None:
+        write_json_atomic(output_dir / "data_report.json", dataset.report)
+
+
+def record_load_failures(output_dir: Path) -> None:
+    """Fold the records that failed to load during training (and were replaced) into data_report.json."""
+    from ..data.report import merge_load_failures
+
+    merge_load_failures(output_dir / "data_report.json", output_dir / LOAD_FAILURES)
 
 
 def is_main_process() -> bool:

@@ -7,7 +7,6 @@ checkpoints and resume, DDP / DeepSpeed / FSDP, logging) is the stock Trainer's.
 from __future__ import annotations
 
 import json
-import os
 import re
 import shutil
 from pathlib import Path
@@ -15,6 +14,7 @@ from pathlib import Path
 import torch
 from transformers import Trainer, TrainerCallback
 
+from .engines import prepare_final_save
 from .param_groups import optimizer_param_groups
 
 CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
@@ -87,6 +87,13 @@ class WingsTrainer(Trainer):
                     result = result + anchor
         return result
 
+    def _save_rng_state(self, output_dir: str) -> None:
+        super()._save_rng_state(output_dir)
+        # Each rank writes its own part of a checkpoint (its RNG state; ZeRO / FSDP shards) and rank 0 then writes
+        # trainer_state.json, the file that marks the checkpoint complete. Wait for every rank first: a rank that
+        # dies mid-save then leaves a checkpoint without trainer_state.json, which resume skips.
+        self.accelerator.wait_for_everyone()
+
     def _image_path_anchor(self, model) -> torch.Tensor | None:
         if self.is_deepspeed_enabled and self.accelerator.state.deepspeed_plugin.zero_stage == 3:
             return None  # ZeRO-3 partitions parameters outside forward; its own reducer tolerates missing grads
@@ -121,7 +128,15 @@ def is_complete_checkpoint(path: Path) -> bool:
         json.loads(state.read_text())
     except (OSError, json.JSONDecodeError):
         return False
-    return any(path.glob("*.safetensors")) or any(path.glob("*.bin")) or any(path.glob("global_step*"))
+    return (any(path.glob("*.safetensors")) or any(path.glob("*.bin")) or any(path.glob("global_step*"))
+            or fsdp_shards_complete(path))
+
+
+def fsdp_shards_complete(path: Path) -> bool:
+    """An FSDP SHARDED_STATE_DICT checkpoint keeps its weights in `pytorch_model_fsdp_N/` (torch.distributed
+    .checkpoint); its `.metadata` is written once every rank has written its shard."""
+    shards = list(path.glob("pytorch_model_fsdp_*"))
+    return bool(shards) and all((d / ".metadata").is_file() for d in shards)
 
 
 def checkpoints(output_dir: str | Path) -> list[Path]:
@@ -142,26 +157,27 @@ def save_final_atomic(trainer: Trainer, processor, final_dir: str | Path) -> Pat
     """Write model (+ processor) to a temp dir next to `final_dir`, then rename it into place.
 
     Every rank calls this (DeepSpeed ZeRO-3 and FSDP gather weights collectively in `save_model`); only the
-    main process writes and renames.
+    main process writes and renames. A failure (a full disk, Ctrl-C) removes the temp dir and leaves the previous
+    `final_dir`, if any, untouched.
     """
+    from ..atomic import replace_dir
+
     final_dir = Path(final_dir)
     tmp = final_dir.with_name(f".{final_dir.name}.tmp")
     if trainer.args.should_save and tmp.exists():
         shutil.rmtree(tmp)
     trainer.accelerator.wait_for_everyone()
-    trainer.save_model(str(tmp))
-    if trainer.args.should_save:
-        if processor is not None:
-            processor.save_pretrained(str(tmp))
-        # The training arguments HF drops into the folder are for resuming, not for loading the model.
-        (tmp / "training_args.bin").unlink(missing_ok=True)
-        old = final_dir.with_name(f".{final_dir.name}.old")
-        if final_dir.exists():
-            if old.exists():
-                shutil.rmtree(old)
-            os.replace(final_dir, old)
-        os.replace(tmp, final_dir)
-        if old.exists():
-            shutil.rmtree(old)
+    prepare_final_save(trainer)  # gather a full state dict under sharded FSDP (engines.py)
+    try:
+        trainer.save_model(str(tmp))
+        if trainer.args.should_save:
+            if processor is not None:
+                processor.save_pretrained(str(tmp))
+            # The training arguments HF drops into the folder are for resuming, not for loading the model.
+            (tmp / "training_args.bin").unlink(missing_ok=True)
+            replace_dir(tmp, final_dir)
+    finally:
+        if trainer.args.should_save and tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
     trainer.accelerator.wait_for_everyone()
     return final_dir

@@ -1,0 +1,250 @@
+"""The HTTP side: a FastAPI app speaking OpenAI's chat-completions API (JSON and server-sent events), plus the
+web page and its few helper routes.
+
+Routes: `POST /v1/chat/completions`, `GET /v1/models`, `GET /health`; for the page: `GET /` (static page),
+`GET /wings/info`, `POST /wings/check-image`, `GET /wings/stats`. With an API key, everything under `/v1` and
+`/wings` needs `Authorization: Bearer KEY` (the page itself and /health stay open).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import time
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from importlib import resources
+
+from fastapi import FastAPI, Request
+from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
+from fastapi.staticfiles import StaticFiles
+from openai.types.model import Model
+from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from .decoding import Delta, Failure
+from .errors import APIError, bad_request
+from .inputs import ServedModel
+from .protocol import ChatRequest, chunk, completion, parse_body, parse_chat_request, sse, usage
+from .scheduler import Scheduler, Ticket
+
+DEFAULT_MAX_BODY_BYTES = 100 * 2**20
+DISCONNECT_POLL_SECONDS = 0.5
+
+
+@dataclass
+class ServerOptions:
+    api_key: str | None = None
+    max_batch_size: int = 8
+    max_queue: int = 64
+    max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
+    ui: bool = True
+
+
+class Server:
+    """The served models (a main one and, in compare mode, a baseline), each with its own scheduler thread."""
+
+    def __init__(self, models: list[ServedModel], options: ServerOptions | None = None, compare: bool = False):
+        if not models:
+            raise ValueError("serve at least one model")
+        names = [m.name for m in models]
+        if len(set(names)) != len(names):
+            raise ValueError(f"served model names must differ, got {names}; use --served-model-name/--compare-name")
+        self.options = options or ServerOptions()
+        self.models = {m.name: m for m in models}
+        self.schedulers = {m.name: Scheduler(m, self.options.max_batch_size, self.options.max_queue) for m in models}
+        self.compare = (names[0], names[1]) if compare and len(names) > 1 else None
+        self.default = names[0]
+
+    def model_for(self, name: str | None) -> tuple[ServedModel, Scheduler]:
+        name = name or self.default
+        if name not in self.models:
+            raise APIError(404, f"the model {name!r} does not exist; this server serves {sorted(self.models)}",
+                           param="model", code="model_not_found")
+        return self.models[name], self.schedulers[name]
+
+    def authorize(self, request: Request) -> None:
+        key = self.options.api_key
+        if not key:
+            return
+        header = request.headers.get("authorization", "")
+        scheme, _, given = header.partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), key.encode()):
+            raise APIError(401, "missing or incorrect API key: send `Authorization: Bearer <key>`",
+                           code="invalid_api_key")
+
+    def start(self) -> None:
+        for scheduler in self.schedulers.values():
+            scheduler.start()
+
+    def stop(self) -> None:
+        for scheduler in self.schedulers.values():
+            scheduler.stop()
+
+
+def create_app(server: Server) -> FastAPI:
+    @asynccontextmanager
+    async def lifespan(_app: FastAPI):
+        server.start()
+        try:
+            yield
+        finally:
+            server.stop()
+
+    app = FastAPI(title="wings serve", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
+    app.state.server = server
+
+    @app.exception_handler(APIError)
+    async def _api_error(_request: Request, err: APIError):
+        return JSONResponse(err.body(), status_code=err.status, headers=err.headers)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(_request: Request, err: StarletteHTTPException):
+        return JSONResponse(APIError(err.status_code, str(err.detail)).body(), status_code=err.status_code)
+
+    @app.exception_handler(Exception)
+    async def _unexpected(_request: Request, err: Exception):
+        return JSONResponse(APIError(500, f"internal error: {type(err).__name__}: {err}").body(), status_code=500)
+
+    @app.get("/health")
+    async def health():
+        return {"status": "ok"}
+
+    @app.get("/v1/models")
+    async def models(request: Request):
+        server.authorize(request)
+        created = int(time.time())
+        data = [Model(id=name, created=created, object="model", owned_by="wings").model_dump()
+                for name in server.models]
+        return {"object": "list", "data": data}
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request):
+        server.authorize(request)
+        body = parse_body(await read_body(request, server.options.max_body_bytes))
+        chat = parse_chat_request(body)
+        served, scheduler = server.model_for(chat.model)
+        with scheduler.preparing():
+            prepared = await run_in_threadpool(served.prepare, chat)
+            ticket = scheduler.submit(prepared, asyncio.get_running_loop())
+        if chat.stream:
+            return StreamingResponse(stream_events(ticket, chat, served), media_type="text/event-stream",
+                                     headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        return JSONResponse(await collect(ticket, chat, served, request))
+
+    @app.get("/wings/info")
+    async def info(request: Request):
+        server.authorize(request)
+        compare = {"main": server.compare[0], "baseline": server.compare[1]} if server.compare else None
+        return {"models": [m.info() for m in server.models.values()], "compare": compare}
+
+    @app.post("/wings/check-image")
+    async def check_image(request: Request):
+        """Open an image as a chat request would (same policy and limits), so the page can refuse it on attach."""
+        server.authorize(request)
+        body = parse_body(await read_body(request, server.options.max_body_bytes))
+        url, name = body.get("url"), body.get("model")
+        if not isinstance(url, str):
+            raise bad_request("`url` must be a string (a data URL)", param="url")
+        served, _ = server.model_for(name)
+        image = await run_in_threadpool(served.open_image, url, "image")
+        return {"ok": True, "width": image.width, "height": image.height}
+
+    @app.get("/wings/stats")
+    async def stats(request: Request):
+        server.authorize(request)
+        return {"schedulers": [s.stats() for s in server.schedulers.values()]}
+
+    if server.options.ui:
+        web = resources.files("wings.serving") / "web"
+
+        @app.get("/")
+        async def page():
+            return FileResponse(str(web / "index.html"), media_type="text/html")
+
+        app.mount("/static", StaticFiles(directory=str(web)), name="static")
+    return app
+
+
+async def read_body(request: Request, limit: int) -> bytes:
+    """The body, refused with a 413 past `limit` bytes (checked as it arrives, not after)."""
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise APIError(413, f"the request body is {int(declared):,} bytes, over the limit of {limit:,}")
+    chunks, size = [], 0
+    async for part in request.stream():
+        size += len(part)
+        if size > limit:
+            raise APIError(413, f"the request body is over the limit of {limit:,} bytes")
+        chunks.append(part)
+    return b"".join(chunks)
+
+
+def _extension(chat: ChatRequest, served: ServedModel, delta: Delta | None = None, first: bool = False) -> dict:
+    """The `wings` field of a response or chunk: router status first, then router cells as they come."""
+    if not (chat.wings_router or chat.wings_prompt_router):
+        return {}
+    ext: dict = {}
+    if first:
+        ext["router"] = served.router.as_dict()
+    if delta is not None and delta.cells:
+        ext["tokens"] = delta.cells
+    if delta is not None and delta.prompt_cells is not None:
+        ext["prompt_tokens"] = delta.prompt_cells
+    return ext
+
+
+async def stream_events(ticket: Ticket, chat: ChatRequest, served: ServedModel):
+    """Server-sent events: a role chunk, content chunks as rows advance, the finish chunk, usage, [DONE]."""
+    created = int(time.time())
+    try:
+        yield chunk(ticket.id, served.name, created, role="assistant", content="",
+                    extension=_extension(chat, served, first=True))
+        while True:
+            event = await ticket.queue.get()
+            if isinstance(event, Failure):
+                yield sse(event.error.body())
+                break
+            ext = _extension(chat, served, event)
+            if event.text or ext:
+                yield chunk(ticket.id, served.name, created, content=event.text, extension=ext)
+            if event.finish_reason is not None:
+                yield chunk(ticket.id, served.name, created, finish_reason=event.finish_reason)
+                if chat.stream_options is not None and chat.stream_options.include_usage:
+                    use = usage(ticket.prepared.prompt_tokens, event.completion_tokens)
+                    yield chunk(ticket.id, served.name, created, use=use, no_choices=True)
+                break
+        yield sse("[DONE]")
+    finally:
+        ticket.cancel()  # a no-op once finished; on a disconnect the scheduler stops spending steps on it
+
+
+async def collect(ticket: Ticket, chat: ChatRequest, served: ServedModel, request: Request) -> dict:
+    """The whole answer; a client that disconnects meanwhile cancels its row."""
+    text, cells, prompt_cells = [], [], None
+    try:
+        while True:
+            try:
+                event = await asyncio.wait_for(ticket.queue.get(), DISCONNECT_POLL_SECONDS)
+            except TimeoutError:
+                if await request.is_disconnected():
+                    ticket.cancel()
+                    raise APIError(499, "the client closed the connection") from None
+                continue
+            if isinstance(event, Failure):
+                raise event.error
+            text.append(event.text)
+            cells.extend(event.cells or [])
+            if event.prompt_cells is not None:
+                prompt_cells = event.prompt_cells
+            if event.finish_reason is not None:
+                break
+    finally:
+        ticket.cancel()
+    extension = _extension(chat, served, first=True)
+    if extension:
+        extension["tokens"] = cells
+        if prompt_cells is not None:
+            extension["prompt_tokens"] = prompt_cells
+    return completion(ticket.id, served.name, "".join(text), event.finish_reason,
+                      usage(ticket.prepared.prompt_tokens, event.completion_tokens), extension)

@@ -1,0 +1,213 @@
+"""The OpenAI chat-completions protocol: which request fields this server honours, and the response objects.
+
+Field names come from the `openai` package's own request type (`CompletionCreateParamsBase`), responses are
+built with its response types (`ChatCompletion`, `ChatCompletionChunk`, `CompletionUsage`), so nothing of the
+API is re-typed here except the subset of the request this server validates strictly (pydantic) to give each
+bad field a message that names it.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from typing import Annotated, Literal
+
+from openai.types.chat import ChatCompletion, ChatCompletionChunk, ChatCompletionMessage
+from openai.types.chat.chat_completion import Choice
+from openai.types.chat.chat_completion_chunk import Choice as ChunkChoice
+from openai.types.chat.chat_completion_chunk import ChoiceDelta
+from openai.types.chat.completion_create_params import CompletionCreateParamsBase
+from openai.types.completion_usage import CompletionUsage
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from .errors import bad_request
+
+# Our extensions to the request (OpenAI clients pass them through `extra_body`).
+EXTENSION_FIELDS = {"wings_router", "wings_prompt_router"}
+# Accepted and without effect on the answer (bookkeeping fields of OpenAI's API).
+IGNORED_FIELDS = {"user", "metadata", "store", "service_tier", "safety_identifier", "prompt_cache_key",
+                  "prompt_cache_retention", "prompt_cache_options", "verbosity", "reasoning_effort",
+                  "parallel_tool_calls"}
+# OpenAI fields whose default we can honour but whose other values we cannot: (field, allowed default values).
+UNSUPPORTED_UNLESS_DEFAULT = {
+    "n": (1, None), "logprobs": (False, None), "top_logprobs": (0, None), "frequency_penalty": (0, 0.0, None),
+    "presence_penalty": (0, 0.0, None), "logit_bias": (None, {}), "tools": (None, []), "tool_choice": (None, "none"),
+    "functions": (None, []), "function_call": (None, "none"), "response_format": (None, {"type": "text"}),
+    "audio": (None,), "modalities": (None, ["text"]), "prediction": (None,), "web_search_options": (None,),
+    "moderation": (None,),
+}
+KNOWN_FIELDS = set(CompletionCreateParamsBase.__annotations__) | {"stream"}
+MAX_STOP_SEQUENCES = 16
+
+
+class TextPart(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    type: Literal["text"]
+    text: str
+
+
+class ImageURL(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    url: str
+    detail: str | None = None
+
+
+class ImagePart(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    type: Literal["image_url"]
+    image_url: ImageURL
+
+
+ContentPart = Annotated[TextPart | ImagePart, Field(discriminator="type")]
+
+
+class Message(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    role: Literal["system", "developer", "user", "assistant"]
+    content: str | list[ContentPart] | None = None
+    name: str | None = None
+
+
+class StreamOptions(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    include_usage: bool = False
+
+
+class ChatRequest(BaseModel):
+    """The fields of a chat-completions request that change the answer."""
+
+    model_config = ConfigDict(extra="ignore")
+    model: str | None = None
+    messages: list[Message] = Field(min_length=1)
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    max_tokens: int | None = None
+    max_completion_tokens: int | None = None
+    temperature: float | None = Field(default=None, ge=0.0, le=2.0)
+    top_p: float | None = Field(default=None, gt=0.0, le=1.0)
+    seed: int | None = None
+    stop: str | list[str] | None = None
+    wings_router: bool = False
+    wings_prompt_router: bool = False
+
+    @field_validator("stop")
+    @classmethod
+    def _stops(cls, value):
+        stops = [value] if isinstance(value, str) else (value or [])
+        if len(stops) > MAX_STOP_SEQUENCES:
+            raise ValueError(f"at most {MAX_STOP_SEQUENCES} stop sequences, got {len(stops)}")
+        if any(s == "" for s in stops):
+            raise ValueError("stop sequences must not be empty strings")
+        return stops
+
+    @property
+    def stop_sequences(self) -> list[str]:
+        return list(self.stop or [])
+
+    @property
+    def requested_max_tokens(self) -> int | None:
+        value = self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
+        if value is not None and value <= 0:
+            field = "max_completion_tokens" if self.max_completion_tokens is not None else "max_tokens"
+            raise bad_request(f"{field} must be at least 1, got {value}", param=field)
+        return value
+
+
+def parse_body(raw: bytes) -> dict:
+    """The request body as a JSON object, or a 400 naming what is wrong with it."""
+    try:
+        body = json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise bad_request(f"the request body is not valid JSON: {err}") from None
+    if not isinstance(body, dict):
+        raise bad_request(f"the request body must be a JSON object, got {type(body).__name__}")
+    return body
+
+
+def parse_chat_request(body: dict) -> ChatRequest:
+    """Check every field against what this server honours; a 400 names the first field that is wrong."""
+    unknown = sorted(set(body) - KNOWN_FIELDS - EXTENSION_FIELDS)
+    if unknown:
+        raise bad_request(f"unrecognized request argument supplied: {unknown[0]}", param=unknown[0])
+    for field, defaults in UNSUPPORTED_UNLESS_DEFAULT.items():
+        if field in body and not any(body[field] == d for d in defaults):
+            what = "one choice per request (n=1)" if field == "n" else f"the default {field} only"
+            raise bad_request(f"{field}={json.dumps(body[field])[:80]} is not supported: this server returns "
+                              f"{what}", param=field, code="unsupported_parameter")
+    try:
+        request = ChatRequest.model_validate(body)
+    except ValidationError as err:
+        raise bad_request(describe_validation_error(err), param=_param(err)) from None
+    request.requested_max_tokens  # noqa: B018  (raises a 400 for max_tokens <= 0)
+    return request
+
+
+def describe_validation_error(err: ValidationError) -> str:
+    """One line per problem (at most three), each naming the field path, e.g. `messages[0].role: ...`."""
+    lines = []
+    for problem in _deduplicated(err.errors(include_url=False))[:3]:
+        lines.append(f"{_path(problem['loc'])}: {problem['msg']}")
+    return "; ".join(lines) or "invalid request"
+
+
+def _deduplicated(problems: list[dict]) -> list[dict]:
+    # `content` is a union (string or list of parts): report the list branch when the value is a list, since the
+    # string branch's "Input should be a valid string" says nothing useful there.
+    kept = [p for p in problems if not (p["loc"] and "content" in p["loc"] and p["type"] == "string_type"
+                                        and isinstance(p.get("input"), list))]
+    return kept or problems
+
+
+def _path(loc: tuple) -> str:
+    out = ""
+    for part in loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        elif part in ("str", "list[tagged-union[TextPart,ImagePart]]") or "function-" in str(part):
+            continue  # pydantic's name for a union branch, not a field
+        else:
+            out += ("." if out else "") + str(part)
+    return out or "body"
+
+
+def _param(err: ValidationError) -> str | None:
+    problems = err.errors(include_url=False)
+    return _path(problems[0]["loc"]) if problems else None
+
+
+# --- responses ----------------------------------------------------------------------------------------------------
+
+
+def usage(prompt_tokens: int, completion_tokens: int) -> CompletionUsage:
+    return CompletionUsage(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
+                           total_tokens=prompt_tokens + completion_tokens)
+
+
+def completion(request_id: str, model: str, content: str, finish_reason: str, use: CompletionUsage,
+               extension: dict | None = None) -> dict:
+    message = ChatCompletionMessage(role="assistant", content=content)
+    body = ChatCompletion(id=request_id, created=int(time.time()), model=model, object="chat.completion",
+                          choices=[Choice(index=0, message=message, finish_reason=finish_reason)],
+                          usage=use).model_dump(exclude_none=True)
+    if extension:
+        body["wings"] = extension
+    return body
+
+
+def chunk(request_id: str, model: str, created: int, content: str | None = None, role: str | None = None,
+          finish_reason: str | None = None, use: CompletionUsage | None = None, extension: dict | None = None,
+          no_choices: bool = False) -> str:
+    """One server-sent event holding a `chat.completion.chunk`."""
+    choices = [] if no_choices else [ChunkChoice(index=0, delta=ChoiceDelta(role=role, content=content),
+                                                 finish_reason=finish_reason)]
+    body = ChatCompletionChunk(id=request_id, created=created, model=model, object="chat.completion.chunk",
+                               choices=choices, usage=use).model_dump(exclude_none=True)
+    if no_choices:
+        body["choices"] = []
+    if extension:
+        body["wings"] = extension
+    return sse(body)
+
+
+def sse(payload: dict | str) -> str:
+    return f"data: {payload if isinstance(payload, str) else json.dumps(payload)}\n\n"
