@@ -130,6 +130,7 @@ def test_base_llm_trainer_reduces_loss_and_saves(tmp_path):
                        lr=3e-3, seed=0)
     model, stats = train_base_llm(records, tokenizer, spec, progress=False)
     losses = [loss for _, loss in stats["losses"]]
+    # measured last/first loss over seeds 0-4 x 1 and 2 threads: 0.453-0.470 (the same with either thread count)
     assert len(losses) >= 5 and losses[-1] < 0.6 * losses[0]
 
     tasks = text_tasks(kb, "seen")[:12]
@@ -156,7 +157,9 @@ def test_vision_pretrainer_learns_colour_and_saves(tmp_path):
     encoder, stats = pretrain_encoder(spec, train, test)
     losses = [loss for _, loss in stats["losses"]]
     assert losses[-1] < losses[0]
-    assert stats["test_accuracy"]["colour"] > 0.5  # chance is 1/8; colour is learnt within a few dozen steps
+    # chance is 1/8; colour is learnt within a few dozen steps. Measured over seeds 0-4 x 1 and 2 threads:
+    # 0.653-0.791 (the same with either thread count)
+    assert stats["test_accuracy"]["colour"] > 0.5
     out = save_encoder(encoder, processor, tmp_path / "vision", stats)
     reloaded = SiglipVisionModel.from_pretrained(out)
     image_processor = AutoImageProcessor.from_pretrained(out)
