@@ -172,7 +172,8 @@ Produced by `{command(out, results)}` in
   tokens, mean over heads); attention shift = 1 - mean Pearson(LAWS_before, LAWS_after). With a
   {results['laws'][next(iter(results['laws']))]['n_layers']}-layer LLM each Pearson correlation has that many
   points: a correlation over so few points cannot carry a conclusion about the attention shift; it is
-  reported as measured.
+  reported as measured. (An 8-layer base LLM trained with the same recipe plateaued at a loss of 0.63 against
+  ~0.13 and knew far fewer facts, 0.52 held-out / 0.62 seen on seed 0, so the demo keeps 4 layers.)
 - **Per question type**: yes/no needs the question's word and the image together at the answer token; colour
   and shape answers can be read off the image alone. "yes/no answered 'yes'" is how often the model picked
   "yes" (the test items are about half yes, half no): a model that never learned yes/no sits near chance with
