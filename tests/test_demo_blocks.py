@@ -130,6 +130,7 @@ def test_base_llm_trainer_reduces_loss_and_saves(tmp_path):
                        lr=3e-3, seed=0)
     model, stats = train_base_llm(records, tokenizer, spec, progress=False)
     losses = [loss for _, loss in stats["losses"]]
+    # measured last/first loss over seeds 0-4 x 1 and 2 threads: 0.453-0.470 (the same with either thread count)
     assert len(losses) >= 5 and losses[-1] < 0.6 * losses[0]
 
     tasks = text_tasks(kb, "seen")[:12]
@@ -156,7 +157,9 @@ def test_vision_pretrainer_learns_colour_and_saves(tmp_path):
     encoder, stats = pretrain_encoder(spec, train, test)
     losses = [loss for _, loss in stats["losses"]]
     assert losses[-1] < losses[0]
-    assert stats["test_accuracy"]["colour"] > 0.5  # chance is 1/8; colour is learnt within a few dozen steps
+    # chance is 1/8; colour is learnt within a few dozen steps. Measured over seeds 0-4 x 1 and 2 threads:
+    # 0.653-0.791 (the same with either thread count)
+    assert stats["test_accuracy"]["colour"] > 0.5
     out = save_encoder(encoder, processor, tmp_path / "vision", stats)
     reloaded = SiglipVisionModel.from_pretrained(out)
     image_processor = AutoImageProcessor.from_pretrained(out)
@@ -168,8 +171,10 @@ def test_budget_plans_fit_the_time_limits():
     from wings.demo.budget import STAGES, plan
 
     # step times measured on an idle 2-core machine (see the module docstring of wings.demo.budget)
-    timings = {"base_llm": {"ms_per_step": 50.0}, "vision": {"ms_per_step": 20.0},
-               "stages": {s: {"ms_per_step": 70.0, "batch_size": 16, "setup_s": 1.5} for s in STAGES}}
+    ms = {"llava_stage1": 52.0, "llava_stage2": 39.0, "wings_stage1": 70.0, "wings_stage2": 68.0}
+    timings = {"base_llm": {"ms_per_step": 50.0}, "vision": {"ms_per_step": 19.0},
+               "stages": {s: {"ms_per_step": ms[s], "batch_size": 32 if s.endswith("1") else 16, "setup_s": 1.5}
+                          for s in STAGES}}
     quick, full = plan("quick"), plan("full")
     assert set(quick.stages) == set(full.stages) == set(STAGES)
     # training must leave room for evaluation and slower machines: quick <= 4 min, full <= 20 min in all
@@ -178,21 +183,34 @@ def test_budget_plans_fit_the_time_limits():
         plan("slow")
 
 
-def test_text_replay_appends_the_text_records_and_the_report_names_the_command(tmp_path):
+def test_stage2_mixes_text_at_the_papers_share_and_the_report_names_the_command(tmp_path):
     from dataclasses import asdict
 
+    from wings.data.dataset import mix_count
     from wings.demo.analysis import command
-    from wings.demo.budget import plan
-    from wings.demo.pipeline import write_data
+    from wings.demo.budget import CONFIG_DIR, plan
+    from wings.demo.pipeline import TEXT_MIX_RATIO, stage_sets, write_data
+    from wings.training import load_config
 
     p = plan("quick")
-    plain = write_data(tmp_path / "plain", p, seed=0)
-    replay = write_data(tmp_path / "replay", p, seed=0, text_replay=True)
-    read = lambda path: [json.loads(line) for line in path.read_text().splitlines()]  # noqa: E731
-    images, texts, mixed = read(plain["stage2"]), read(plain["text_train"]), read(replay["stage2"])
-    assert mixed == images + texts and all("image" not in r for r in texts)
-    assert command(tmp_path, {"mode": "quick", "seed": 0, "plan": asdict(p), "text_replay": False}) \
+    files = write_data(tmp_path / "data", p, seed=0)
+    start = tmp_path / "start"
+
+    def data_of(stage: str, replay: bool):
+        sets = stage_sets(stage, p, start, files, tmp_path, seed=0, text_replay=replay)
+        return load_config(CONFIG_DIR / f"{stage}.yaml", sets).data
+
+    for family in ("llava", "wings"):
+        mixed = data_of(f"{family}_stage2", True)
+        assert mixed.text_mix_path == str(files["text_train"]) and mixed.text_mix_ratio == TEXT_MIX_RATIO
+        assert data_of(f"{family}_stage2", False).text_mix_ratio == 0.0  # the --no-text-replay ablation
+        assert data_of(f"{family}_stage1", True).text_mix_ratio == 0.0  # stage 1 stays captions only
+    added = mix_count(p.vqa_train_records, TEXT_MIX_RATIO)  # LLaVA-665K: 40K text-only of 665K
+    assert abs(added / (added + p.vqa_train_records) - 0.06) < 0.002
+    assert all("image" not in json.loads(line) for line in files["text_train"].read_text().splitlines())
+
+    assert command(tmp_path, {"mode": "quick", "seed": 0, "plan": asdict(p), "text_replay": True}) \
         == f"wings demo --quick --out {tmp_path}"
     p.stages["wings_stage2"].steps = 900
-    assert command(tmp_path, {"mode": "full", "seed": 2, "plan": asdict(p), "text_replay": True}) \
-        == f"wings demo --out {tmp_path} --seed 2 --stage2-steps 900 --text-replay"
+    assert command(tmp_path, {"mode": "full", "seed": 2, "plan": asdict(p), "text_replay": False}, seeds=3) \
+        == f"wings demo --out {tmp_path} --seed 2 --seeds 3 --stage2-steps 900 --no-text-replay"

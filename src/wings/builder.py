@@ -165,10 +165,12 @@ def tiny_corpus(n_random: int = 2000, seed: int = 0) -> list[str]:
     return list(questions[:6000]) + list(answers[:2000]) + words + numbers + chat * 20
 
 
-def train_tiny_tokenizer(vocab_size: int = 600, corpus: list[str] | None = None):
-    """A byte-level BPE with Qwen2's pre-tokenizer, trained locally (about a second)."""
+def train_tiny_tokenizer(vocab_size: int = 600, corpus: list[str] | None = None, show_progress: bool = True):
+    """A byte-level BPE with Qwen2's pre-tokenizer, trained locally (about a second). `show_progress=False`
+    keeps the tokenizers library's own progress output (written straight to the terminal) off."""
     base = Qwen2Tokenizer(vocab={"a": 0}, merges=[])
-    tok = base.train_new_from_iterator(corpus or tiny_corpus(), vocab_size=vocab_size, new_special_tokens=CHAT_TOKENS)
+    tok = base.train_new_from_iterator(corpus or tiny_corpus(), vocab_size=vocab_size, new_special_tokens=CHAT_TOKENS,
+                                       show_progress=show_progress)
     tok.eos_token = "<|im_end|>"
     tok.pad_token = "<|endoftext|>" if "<|endoftext|>" in tok.get_vocab() else "<|im_end|>"
     return tok

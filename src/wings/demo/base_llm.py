@@ -56,7 +56,7 @@ def demo_tokenizer(kb: KnowledgeBase, vocab: int = 1000, extra_texts: list[str] 
     questions, answers, _ = easy_vqa.get_train_questions()
     chat = ["user", "assistant", "system", "\n"]
     corpus = tokenizer_corpus(kb) + list(questions) + list(answers) + chat * 50 + list(extra_texts or [])
-    tokenizer = train_tiny_tokenizer(vocab, corpus)
+    tokenizer = train_tiny_tokenizer(vocab, corpus, show_progress=False)  # the demo shows its own bars
     tokenizer.chat_template = CHATML_TEMPLATE
     return tokenizer
 
@@ -114,18 +114,20 @@ def build_base_llm(spec: BaseLLMSpec, tokenizer):
     return AutoModelForCausalLM.from_config(config)
 
 
-def train_base_llm(records: list[dict], tokenizer, spec: BaseLLMSpec,
-                   progress: bool = True) -> tuple[torch.nn.Module, dict]:
-    """Train a fresh tiny Qwen2 on chat records with HF Trainer; returns (model, stats with loss history)."""
+def train_base_llm(records: list[dict], tokenizer, spec: BaseLLMSpec, progress: bool = True,
+                   callbacks: list | None = None) -> tuple[torch.nn.Module, dict]:
+    """Train a fresh tiny Qwen2 on chat records with HF Trainer; returns (model, stats with loss history).
+    `callbacks` (e.g. the demo console's progress bar) replace the default loss bar that `progress` shows."""
     if not records:
         raise ValueError("train_base_llm got no records")
     model = build_base_llm(spec, tokenizer)
     data = encode_chat(tokenizer, records)
     with tempfile.TemporaryDirectory(prefix="wings_base_llm_") as scratch:  # Trainer wants an output_dir
-        return _fit(model, data, tokenizer, spec, scratch, progress)
+        return _fit(model, data, tokenizer, spec, scratch, progress, callbacks)
 
 
-def _fit(model, data: list[dict], tokenizer, spec: BaseLLMSpec, scratch: str, progress: bool):
+def _fit(model, data: list[dict], tokenizer, spec: BaseLLMSpec, scratch: str, progress: bool,
+         callbacks: list | None = None):
     args = TrainingArguments(
         output_dir=scratch,
         max_steps=spec.steps, per_device_train_batch_size=spec.batch_size,
@@ -137,7 +139,9 @@ def _fit(model, data: list[dict], tokenizer, spec: BaseLLMSpec, scratch: str, pr
     start = time.perf_counter()
     with quiet_trainer_logs():
         trainer = Trainer(model=model, args=args, train_dataset=data, data_collator=PadCollator(tokenizer.pad_token_id))
-        quiet_trainer(trainer, LossBar("base LLM", enabled=progress))
+        quiet_trainer(trainer, None if callbacks else LossBar("base LLM", enabled=progress))
+        for callback in callbacks or []:
+            trainer.add_callback(callback)
         trainer.train()
     seconds = time.perf_counter() - start
     losses = [(h["step"], h["loss"]) for h in trainer.state.log_history if "loss" in h]
