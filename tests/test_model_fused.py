@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from conftest import randomize_wings_
+from test_model_invariants import make_ids
 from wings.modeling.buffers import ColumnBuffer
 from wings.modeling.router import RouterProbe, router_mask, router_probe_fusable
 
@@ -22,16 +23,7 @@ def setup(make_tiny, llm="qwen2", **kw):
 
 def padded_batch(processor, side="left"):
     """Three samples (one image, two images, text only) in one padded batch, and their images."""
-    gen = torch.Generator().manual_seed(0)
-    rows = []
-    for layout in PROMPT_LAYOUTS:
-        ids = []
-        for part in layout:
-            if part == "i":
-                ids += [processor.image_token_id] * processor.image_seq_length
-            else:
-                ids += torch.randint(10, 300, (int(part[1:]),), generator=gen).tolist()
-        rows.append(ids)
+    rows = [make_ids(processor, layout, seed=i)[0].tolist() for i, layout in enumerate(PROMPT_LAYOUTS)]
     width = max(map(len, rows))
     ids = torch.zeros(len(rows), width, dtype=torch.long)
     mask = torch.zeros_like(ids)
@@ -39,7 +31,7 @@ def padded_batch(processor, side="left"):
         sl = slice(width - len(row), width) if side == "left" else slice(0, len(row))
         ids[i, sl], mask[i, sl] = torch.tensor(row), 1
     side_px = processor.image_processor.size.get("height") or processor.image_processor.size["shortest_edge"]
-    pixels = torch.randn(3, 3, side_px, side_px, generator=gen)
+    pixels = torch.randn(3, 3, side_px, side_px, generator=torch.Generator().manual_seed(0))
     return {"input_ids": ids, "attention_mask": mask, "pixel_values": pixels}
 
 
