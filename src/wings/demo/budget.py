@@ -61,7 +61,7 @@ class DemoPlan:
     laws_items: int = 64  # easy-vqa test items for MLLM-LAWS
     # Decoder layers of the base LLM (each LAWS correlation has this many points). 8 layers with the same base-LLM
     # recipe (full mode, seed 0, 2000 steps at 3e-3) plateaued at loss 0.63 (4 layers: 0.13) and scored 0.52
-    # held-out / 0.62 seen text (4 layers: 0.84 / 0.99), at 2.0x the base LLM's step time: not kept.
+    # held-out / 0.62 seen text (4 layers, same seed: 0.91 / 0.99), at 2.0x the base LLM's step time: not kept.
     llm_layers: int = 4
 
     def seconds(self, timings: dict) -> dict[str, float]:
