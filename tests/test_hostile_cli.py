@@ -110,7 +110,7 @@ def test_a_really_full_or_read_only_disk_leaves_no_model(tmp_path, disk):
 
 @pytest.mark.parametrize(("args", "command", "needles"), [
     (["smoke", "--max-new-tokens", "0"], "smoke", ["--max-new-tokens", "positive"]),
-    (["demo", "--stage2-steps", "0"], "demo", ["stage2_steps", "positive"]),
+    (["demo", "--stage2-steps", "0"], "demo", ["--stage2-steps", "positive"]),
     (["demo", "--quick", "--out", "FILE"], "demo", ["FILE"]),
     (["train"], "train", ["config"]),
     (["iit"], "iit", ["ACTION"]),
