@@ -5,6 +5,7 @@ build hostile files (image bombs, non-UTF-8 text, truncated weights); snapshot f
 from __future__ import annotations
 
 import atexit
+import errno
 import functools
 import hashlib
 import json
@@ -60,6 +61,28 @@ def assert_refused(outcome: Outcome, command: str, *needles: str) -> str:
     for needle in needles:
         assert needle in line, f"{needle!r} not in {line!r}"
     return line
+
+
+def assert_refused_untouched(capsys, root: Path, args: list, command: str, *needles: str) -> str:
+    """Run `wings *args`; it must be refused (`assert_refused`) and leave every file under `root` as it was."""
+    before = snapshot(root)
+    line = assert_refused(wings(capsys, *args), command, *needles)
+    assert snapshot(root) == before, "a refused command changed files"
+    return line
+
+
+def enospc_midway(monkeypatch) -> None:
+    """The disk fills up while weights are written: half the safetensors file lands, then ENOSPC."""
+    import transformers.modeling_utils as mu
+
+    real = mu.safe_save_file
+
+    def partial(tensors, filename, metadata=None):
+        real(tensors, filename, metadata=metadata)
+        truncate(Path(filename))
+        raise OSError(errno.ENOSPC, "No space left on device", str(filename))
+
+    monkeypatch.setattr(mu, "safe_save_file", partial)
 
 
 def assert_ok(outcome: Outcome) -> Outcome:

@@ -18,7 +18,9 @@ from transformers import TrainerCallback
 from hostile_support import (
     assert_ok,
     assert_refused,
+    assert_refused_untouched,
     copy_dir,
+    enospc_midway,
     hidden_leftovers,
     latin1,
     other_train_data,
@@ -125,9 +127,8 @@ CASES = [
 def test_bad_config_or_paths_are_refused_before_anything_is_written(tmp_path, capsys, tiny_model_dir, build,
                                                                      needles):
     args = build(tmp_path, tiny_model_dir)
-    before = snapshot(tmp_path)
-    assert_refused(wings(capsys, *args), "train", *needles)
-    assert snapshot(tmp_path) == before  # no train_config.yaml / data_report.json / run folder written
+    # no train_config.yaml / data_report.json / run folder written
+    assert_refused_untouched(capsys, tmp_path, args, "train", *needles)
 
 
 @pytest.mark.parametrize("precision", ["bf16", "fp16"])
@@ -359,21 +360,12 @@ def test_a_full_disk_while_writing_final_leaves_no_half_final(finished_run, tmp_
                                                                tiny_model_dir):
     import shutil
 
-    import transformers.modeling_utils as mu
-
     run = copy_dir(finished_run, tmp_path / "run")
     shutil.rmtree(run / "final")  # as if the first attempt died before final/: the rerun writes it
-    real = mu.safe_save_file
-
-    def full(tensors, filename, metadata=None):
-        real(tensors, filename, metadata=metadata)
-        truncate(Path(filename))
-        raise OSError(errno.ENOSPC, "No space left on device", str(filename))
-
-    monkeypatch.setattr(mu, "safe_save_file", full)
+    enospc_midway(monkeypatch)
     assert_refused(rerun(capsys, tiny_model_dir, run), "train", "no space left")
     assert not (run / "final").exists() and not hidden_leftovers(run)
-    monkeypatch.setattr(mu, "safe_save_file", real)
+    monkeypatch.undo()  # the disk has room again
     out = assert_ok(rerun(capsys, tiny_model_dir, run)).out
     assert "writing final/ from checkpoint-2" in out and (run / "final" / "model.safetensors").is_file()
 
