@@ -75,9 +75,9 @@ def write_release(tensors: dict[str, torch.Tensor], path, shards: int = 2) -> No
                                                   "system_prompt_length": SPL, "image_token_length": 16}))
 
 
-@pytest.fixture(scope="module")
-def release(tiny_tokenizer, tmp_path_factory):
-    root = tmp_path_factory.mktemp("official")
+def build_release(tiny_tokenizer, root) -> dict[str, torch.Tensor]:
+    """A tiny release under root: the LLM (llm/), the vision encoder (vision/) and the released weights (src/);
+    returns the released tensors."""
     tokenizer = copy.deepcopy(tiny_tokenizer)
     qwen(tokenizer, seed=3).save_pretrained(root / "llm")
     tokenizer.save_pretrained(root / "llm")
@@ -86,7 +86,13 @@ def release(tiny_tokenizer, tmp_path_factory):
     SiglipImageProcessorPil(size={"height": 32, "width": 32}).save_pretrained(root / "vision")
     tensors = release_tensors(tokenizer)
     write_release(tensors, root / "src")
-    return root, tensors
+    return tensors
+
+
+@pytest.fixture(scope="module")
+def release(tiny_tokenizer, tmp_path_factory):
+    root = tmp_path_factory.mktemp("official")
+    return root, build_release(tiny_tokenizer, root)
 
 
 @pytest.fixture(scope="module")

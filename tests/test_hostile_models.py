@@ -253,20 +253,11 @@ def test_a_plain_llm_is_refused_by_train_before_any_allocation(tmp_path, capsys,
 
 @pytest.fixture(scope="module")
 def release(tiny_tokenizer, tmp_path_factory):
-    import copy
-
-    from transformers import SiglipImageProcessorPil, SiglipVisionConfig, SiglipVisionModel
-
-    from test_convert_official import qwen, release_tensors, write_release
+    """The tiny release of test_convert_official (llm/, vision/, src/ under one folder)."""
+    from test_convert_official import build_release
 
     root = tmp_path_factory.mktemp("official")
-    tokenizer = copy.deepcopy(tiny_tokenizer)
-    qwen(tokenizer, seed=3).save_pretrained(root / "llm")
-    tokenizer.save_pretrained(root / "llm")
-    SiglipVisionModel(SiglipVisionConfig(num_hidden_layers=3, image_size=32, patch_size=8, hidden_size=48,
-                                         intermediate_size=96, num_attention_heads=4)).save_pretrained(root / "vision")
-    SiglipImageProcessorPil(size={"height": 32, "width": 32}).save_pretrained(root / "vision")
-    write_release(release_tensors(tokenizer), root / "src")
+    build_release(tiny_tokenizer, root)
     return root
 
 
