@@ -12,6 +12,10 @@ has the same backbone sizes; HF `LlavaForConditionalGeneration` is the baseline.
 
 "per CPU-second" divides by this process's CPU time, the steadier figure when other jobs share the cores.
 
+The steps method also times HF LLaVA with Wings' KV cache (`GrowingDynamicCache`: the same cache, grown in place
+instead of `torch.cat` of the whole cache per step), alternating with the other two: Wings / that LLaVA is the
+cost of the Wings layer alone; Wings / stock LLaVA is what a user sees against HF's own model.
+
     python benchmarks/bench_generate.py                          # tiny width (hidden 256, 64 image tokens)
     python benchmarks/bench_generate.py --hidden 2048 --layers 2 --heads 16 --kv-heads 16 --intermediate 5632 \\
         --image-size 384 --patch-size 16 --new-tokens 64 --uncached-tokens 4 [--batch 8]
@@ -32,6 +36,7 @@ from PIL import Image
 from transformers import CompileConfig, LlavaConfig, LlavaForConditionalGeneration
 
 from wings.builder import TinySpec, build_tiny
+from wings.generation.cache import GrowingDynamicCache
 
 
 def randomize_learners(model: torch.nn.Module, std: float = 0.05) -> None:
@@ -105,11 +110,14 @@ def ratio_of(a: list[tuple[float, float]], b: list[tuple[float, float]], i: int)
 class Stepper:
     """One model decoding greedily by hand: prefill once, then one cached forward per `step()`."""
 
-    def __init__(self, model, batch, use_cache: bool = True):
+    def __init__(self, model, batch, use_cache: bool = True, growing_cache: bool = False):
         self.model, self.use_cache = model, use_cache
         self.batch = dict(batch)
+        if growing_cache:  # (a Wings model makes this cache by itself)
+            self.batch["cache"] = GrowingDynamicCache(config=model.config.get_text_config(decoder=True))
         with torch.no_grad():
             out = model(**self.batch, use_cache=use_cache)
+        self.batch.pop("cache", None)
         self.cache = out.cache if use_cache else None
         self.ids = torch.cat([self.batch["input_ids"], out.logits[:, -1:].argmax(-1)], dim=1)
         self.mask = torch.cat([self.batch["attention_mask"], torch.ones_like(self.ids[:, -1:])], dim=1)
@@ -133,15 +141,17 @@ class Stepper:
         return times
 
 
-def step_rates(models: dict, batch, steps: int, use_cache: bool = True) -> dict[str, list[tuple[float, float]]]:
-    """Per step, tokens/s per sequence (wall, CPU) of every model; steps alternate between the models."""
-    steppers = {name: Stepper(model, batch, use_cache) for name, model in models.items()}
+def step_rates(models: dict, batch, steps: int, use_cache: bool = True,
+               growing: tuple[str, ...] = ()) -> dict[str, list[tuple[float, float]]]:
+    """Per step, tokens/s per sequence (wall, CPU) of every model; steps alternate between the models (the order
+    rotates, so no model always follows the same one). `growing`: models given a `GrowingDynamicCache`."""
+    steppers = {name: Stepper(model, batch, use_cache, name in growing) for name, model in models.items()}
     for stepper in steppers.values():  # warm-up
         stepper.step()
     names = list(steppers)
     rates: dict[str, list[tuple[float, float]]] = {name: [] for name in names}
     for i in range(steps):
-        for name in names if i % 2 == 0 else names[::-1]:
+        for name in names[i % len(names):] + names[:i % len(names)]:
             wall, cpu = steppers[name].step()
             rates[name].append((1 / wall, 1 / max(cpu, 1e-9)))
     return rates
@@ -198,7 +208,8 @@ def main() -> None:
           f"wings params {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M")
     if args.method == "steps" and args.cache_impl != "static":
         print(f"method: {n} decoding steps per model, alternating Wings / LLaVA step by step")
-        fast = step_rates({"wings": model, "llava": llava}, batch, n)
+        fast = step_rates({"wings": model, "llava": llava, "llava_growing": llava}, batch, n,
+                          growing=("llava_growing",))
         slow = step_rates({"wings_no_cache": model}, batch, args.uncached_tokens or n, use_cache=False)
     else:
         print(f"method: whole generate() calls, {args.repeats} rounds")
@@ -214,6 +225,10 @@ def main() -> None:
           ", target >= 10x")
     print(f"HF llava, cache   : {median_of(llava_s, 0):8.2f}  ({median_of(llava_s, 1):8.2f})   wings / llava "
           f"{ratio_of(wings, llava_s, 0):.3f} ({ratio_of(wings, llava_s, 1):.3f}), target >= 0.9")
+    if "llava_growing" in fast:
+        same = fast["llava_growing"]
+        print(f"HF llava, Wings' KV cache: {median_of(same, 0):8.2f}  ({median_of(same, 1):8.2f})   wings / it "
+              f"{ratio_of(wings, same, 0):.3f} ({ratio_of(wings, same, 1):.3f}): the Wings layer alone")
     pairs = sorted(x[0] / y[0] for x, y in zip(wings, llava_s, strict=True))
     quart = [pairs[int(q * (len(pairs) - 1))] for q in (0.25, 0.5, 0.75)]
     print(f"wings/llava (wall) over {len(pairs)} pairs: quartiles {quart[0]:.3f} / {quart[1]:.3f} / {quart[2]:.3f}")

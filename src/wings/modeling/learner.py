@@ -19,6 +19,8 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import initialization as hf_init
 
+from .few_queries import few_queries, few_query_attention
+
 
 class LowRankLinear(nn.Module):
     """`up(down(x))` with rank r; `down ~ trunc_normal(0.02)` and `up = 0`, so it starts as the zero map."""
@@ -232,8 +234,11 @@ class LoRRALearner(nn.Module):
         safe_mask, sees_any = mask if isinstance(mask, tuple) else open_empty_rows(mask)
         if safe_mask.dtype == torch.bool:  # an additive mask in the query's dtype spares SDPA the conversion
             safe_mask = additive_mask(safe_mask, query.dtype)
-        attn = F.scaled_dot_product_attention(query, as_dtype(keys.key, query.dtype),
-                                              as_dtype(keys.value, query.dtype), attn_mask=safe_mask)  # [B, H, T, hd]
+        key, value = as_dtype(keys.key, query.dtype), as_dtype(keys.value, query.dtype)
+        if query.device.type == "cpu" and few_queries(query, key):  # a decoding step (few_queries.py)
+            attn = few_query_attention(query, key, value, safe_mask)
+        else:
+            attn = F.scaled_dot_product_attention(query, key, value, attn_mask=safe_mask)  # [B, H, T, hd]
         # Zero the rows that see nothing after the (linear, bias-free) down-projection: it then reads the attention
         # output itself (a view of what SDPA saves anyway), and the zeroing touches r channels, not d.
         return self.o_proj.down(attn.transpose(1, 2).reshape(B, T, -1)) * as_dtype(sees_any, attn.dtype)

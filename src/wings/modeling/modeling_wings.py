@@ -171,15 +171,15 @@ class WingsForConditionalGeneration(WingsPreTrainedModel, GenerationMixin):
             position_ids = (mask_2d.long().cumsum(-1) - 1).clamp(min=0)[:, -T:]
         if labels is not None:
             labels = labels.masked_fill(is_image, -100)  # never predict image tokens
-        if self.config.mode == "wings":
-            if use_cache is None:
-                use_cache = self.config.text_config.use_cache and not self.training
-            if self.config.compat == "official":
-                use_cache = use_cache_official(cache, use_cache)
-            if use_cache and cache is None:
-                from ..generation.cache import WingsDynamicCache
+        if use_cache is None:
+            use_cache = self.config.text_config.use_cache and not self.training
+        if self.config.mode == "wings" and self.config.compat == "official":
+            use_cache = use_cache_official(cache, use_cache)
+        if use_cache and cache is None:  # (in both modes: its KV cache grows in place, see generation/cache.py)
+            from ..generation.cache import WingsDynamicCache
 
-                cache = WingsDynamicCache(config=self.config.text_config)
+            cache = WingsDynamicCache(config=self.config.text_config)
+        if self.config.mode == "wings":
             position_router = self.config.use_router and self.config.router_type == "position"
             state = build_state(
                 inputs_embeds, is_image, wings_token_mask, position_ids, self.language_model.model.rotary_emb,

@@ -30,10 +30,10 @@ from transformers import AttentionInterface
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.models.llama.modeling_llama import eager_attention_forward
 
+from .few_queries import attention_scores, few_queries, weighted_values
+
 # Segment ids of keys, shared by the segment router, the LAWS analysis and the learner cache.
 SEG_PAD, SEG_TEXT_BEFORE, SEG_IMAGE, SEG_TEXT_AFTER = 0, 1, 2, 3
-# Up to this many queries per forward (decoding), the main attention shares its probabilities with the router.
-FEW_QUERIES = 16
 MAX_FUSED_HEAD_DIM = 256  # the largest head size the fused SDPA kernels take
 
 
@@ -128,13 +128,12 @@ class RouterProbe:
             raise RuntimeError(f"router probe: attention saw {key.shape[2]} keys but the router has values for "
                                f"{self.values.shape[1]}; the learner cache is out of step with the KV cache")
         if self.fused and self.impl != "eager" and router_probe_fusable(base_impl, attention_mask, kwargs):
-            T, S = query.shape[2], key.shape[2]
             if base_impl == "eager" and dropout == 0.0:  # the stock eager kernel returns its probabilities
                 out, probs = base_fn(module, query, key, value, attention_mask, scaling=scaling, dropout=0.0, **kwargs)
                 self.summary = torch.matmul(probs.float().sum(dim=1), self.values.float()).to(query.dtype)
                 return out, probs
             masked = attention_mask is None or attention_mask.dtype == torch.bool
-            if T < S and T <= FEW_QUERIES and masked:  # decoding with a cache
+            if few_queries(query, key) and masked:  # decoding with a cache
                 return self._attend_sharing_probabilities(query, key, value, attention_mask, scale, dropout)
             padded = _padded_head_dim(query.shape[-1], self.values.shape[-1])
             if base_impl == "sdpa" and dropout == 0.0 and padded <= MAX_FUSED_HEAD_DIM:
@@ -165,8 +164,7 @@ class RouterProbe:
         B, H, T, D = query.shape
         Hkv, S = key.shape[1], key.shape[2]
         groups = H // Hkv
-        scores = torch.matmul(query.reshape(B, Hkv, groups * T, D), key.transpose(2, 3)) * scale
-        scores = scores.view(B, Hkv, groups, T, S)
+        scores = attention_scores(query.reshape(B, Hkv, groups * T, D), key, scale).view(B, Hkv, groups, T, S)
         if attention_mask is None and T > 1:  # SDPA's causal mask, aligned to the newest keys
             attention_mask = torch.ones(T, S, dtype=torch.bool, device=query.device).tril(S - T)[None, None]
         sees_any = None
@@ -181,7 +179,7 @@ class RouterProbe:
         probs = probs.to(query.dtype)
         if dropout > 0:
             probs = F.dropout(probs, p=dropout)
-        out = torch.matmul(probs.view(B, Hkv, groups * T, S), value)  # [B, Hkv, groups * T, D]
+        out = weighted_values(probs.view(B, Hkv, groups * T, S), value)  # [B, Hkv, groups * T, D]
         return out.view(B, H, T, D).transpose(1, 2).contiguous(), None
 
     def observe(self, query: torch.Tensor, key: torch.Tensor, scaling: float) -> None:

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from .buffers import ColumnBuffer
+from .buffers import ColumnBuffer, TransposedColumnBuffer
 from .kernels import WingsKernels
 from .learner import LearnerKeys, autocast_input, head_broadcast
 from .router import SEG_IMAGE, SEG_PAD, SEG_TEXT_AFTER, SEG_TEXT_BEFORE, check_router_width, segment_values
@@ -73,7 +73,13 @@ class LearnerCache:
                 for buffer, part in zip(self.kv[(layer, kind)], (new.key, new.value), strict=True):
                     buffer.append(part)
             else:
-                self.kv[(layer, kind)] = (ColumnBuffer(new.key, 2), ColumnBuffer(new.value, 2))
+                # On the CPU the values are stored transposed, the layout a decoding step reads fastest
+                # (few_queries.py); this first forward attends to its own keys as they came.
+                values = TransposedColumnBuffer(new.value) if new.value.device.type == "cpu" else ColumnBuffer(
+                    new.value, 2)
+                self.kv[(layer, kind)] = (ColumnBuffer(new.key, 2), values)
+                if self.key_meta[kind][0].length == new.positions.shape[1]:
+                    return new
         return self._keys(layer, kind) if (layer, kind) in self.kv else None
 
     def drop_keys_from(self, first_removed: torch.Tensor) -> None:
