@@ -28,7 +28,7 @@ import sys
 import time
 
 from flops import model_flops
-from step_setup import add_shape_args, build, image_tokens
+from step_setup import IMAGE_AT, add_shape_args, build, image_tokens
 
 
 def rss_kib() -> int:
@@ -130,7 +130,7 @@ def analytic_ratio(args, variant: str) -> float:
     router = "separate" if ("+separate" in variant or "+eager" in variant) else "fused"
     head_dim = args.hidden // args.heads
     f = model_flops(args.hidden, args.kv_heads * head_dim, args.intermediate, args.layers, 1000, args.seq,
-                    image_tokens(args), args.rank, 192, 2, router=router, head_dim=head_dim)
+                    image_tokens(args), args.rank, 192, 2, router=router, head_dim=head_dim, prefix=IMAGE_AT)
     return f["ratio"]
 
 

@@ -4,8 +4,11 @@
     python benchmarks/flops.py --seq 1039 --image-tokens 576 --hidden 2048 --heads 16 --kv-heads 16 --ffn 5632
     (with --hidden: also the bytes a decoding step moves at that shape, --seq cached keys)
 
-Counts multiply-adds x2 for matmuls; causal attention counts the visible half of the score matrix, a learner
-over image keys counts every query against every image key (an upper bound: text before the image sees none).
+Counts multiply-adds x2 for matmuls; attention counts the (query, key) pairs its mask lets through: the causal
+half for the main attention; for the learners, the layout the benchmarks use (`prefix` text tokens, one image, the
+rest text): the textual learner's text queries see the text up to themselves and its image queries the prefix, the
+visual learner's image queries see the image up to themselves and the text after it sees the whole image.
+(`prefix=None`: the earlier, looser count, every query against every image key and the causal half of T x text.)
 Backward costs ~2x forward for both models, so the forward ratio is also the training-step ratio. The router's
 summary costs one more causal attention pass when it runs as its own SDPA call (`router="separate"`), or only
 its extra value channels when it rides in the main attention call (`router="fused"`: Q, K, V padded from
@@ -19,8 +22,9 @@ import argparse
 
 
 def layer_flops(d: int, d_kv: int, ffn: int, T: int, n_image: int, rank: int, router: str | None = "separate",
-                head_dim: int = 128, pad: int = 8) -> dict:
-    """Forward FLOPs of one decoder layer on one sequence of T tokens, n_image of them image tokens."""
+                head_dim: int = 128, pad: int = 8, prefix: int | None = 8) -> dict:
+    """Forward FLOPs of one decoder layer on one sequence of T tokens, n_image of them image tokens after `prefix`
+    text tokens."""
     n_image = min(n_image, T)
     text = T - n_image
     base_proj = 2 * T * (2 * d * d + 2 * d * d_kv)  # q, o full width; k, v at kv width
@@ -28,8 +32,14 @@ def layer_flops(d: int, d_kv: int, ffn: int, T: int, n_image: int, rank: int, ro
     base_mlp = 2 * T * 3 * d * ffn
     base = base_proj + base_attn + base_mlp
     low_rank = lambda n: 2 * n * 2 * d * rank  # noqa: E731  (down + up on n tokens)
-    textual = 2 * low_rank(T) + 2 * low_rank(text) + 2 * 2 * (T * text / 2) * d  # q,o on queries; k,v on keys
-    visual = 2 * low_rank(T) + 2 * low_rank(n_image) + 2 * 2 * T * n_image * d  # image keys: at most n_image each
+    if prefix is None:  # the loose count
+        textual_pairs, visual_pairs = T * text / 2, T * n_image
+    else:
+        prefix = min(prefix, text)
+        textual_pairs = text * text / 2 + n_image * prefix
+        visual_pairs = n_image * n_image / 2 + (text - prefix) * n_image
+    textual = 2 * low_rank(T) + 2 * low_rank(text) + 2 * 2 * textual_pairs * d  # q,o on queries; k,v on keys
+    visual = 2 * low_rank(T) + 2 * low_rank(n_image) + 2 * 2 * visual_pairs * d
     if router is None:
         routing = 0.0
     elif router == "fused":  # the main attention's Q, K, V widen from head_dim to head_dim + pad
@@ -42,12 +52,12 @@ def layer_flops(d: int, d_kv: int, ffn: int, T: int, n_image: int, rank: int, ro
 
 def model_flops(d: int, d_kv: int, ffn: int, layers: int, vocab: int, T: int, n_image: int, rank: int,
                 vision_d: int, vision_layers: int, router: str | None = "separate", head_dim: int = 128,
-                pad: int = 8, wings_layers: int | None = None) -> dict:
+                pad: int = 8, wings_layers: int | None = None, prefix: int | None = 8) -> dict:
     """Forward FLOPs of the whole model on one sequence (decoder layers, LM head, vision tower, projector).
 
     The vision tower (d_ff = 2 d, full attention over its patches) and the head are the same in both models, so
     they pull the whole-model ratio towards 1: this is the ratio a training-step benchmark should be held to."""
-    per_layer = layer_flops(d, d_kv, ffn, T, n_image, rank, router, head_dim, pad)
+    per_layer = layer_flops(d, d_kv, ffn, T, n_image, rank, router, head_dim, pad, prefix)
     wings_layers = layers if wings_layers is None else wings_layers
     vision = vision_layers * (2 * n_image * (4 * vision_d * vision_d + 2 * 2 * vision_d * vision_d)
                               + 2 * 2 * n_image * n_image * vision_d)
@@ -81,7 +91,9 @@ def main() -> None:
     p.add_argument("--kv-heads", type=int)
     p.add_argument("--ffn", type=int)
     p.add_argument("--rank", type=int, default=64)
+    p.add_argument("--prefix", type=int, default=8, help="text tokens before the image (-1: the loose count)")
     args = p.parse_args()
+    prefix = None if args.prefix < 0 else args.prefix
     cases = {
         "Qwen1.5-7B (d 4096, ffn 11008, MHA), 729 image tokens, r 64": (4096, 4096, 11008, 729, 64, 128),
         "GPU benchmark LLM (d 4096, ffn 11008, MHA), 64 image tokens, r 64": (4096, 4096, 11008, 64, 64, 128),
@@ -100,7 +112,7 @@ def main() -> None:
                   f"(llava), +{(b['wings'] - b['base']) / 2**20:.0f} MiB (wings)  => llava/wings {b['ratio']:.3f}")
     for name, (d, d_kv, ffn, n_img, r, hd) in cases.items():
         for router in ("separate", "fused"):
-            f = layer_flops(d, d_kv, ffn, args.seq, n_img, r, router=router, head_dim=hd)
+            f = layer_flops(d, d_kv, ffn, args.seq, n_img, r, router=router, head_dim=hd, prefix=prefix)
             print(f"- {name}, router {router}: base {f['base'] / 1e9:.2f}, textual +{f['textual'] / 1e9:.2f}, "
                   f"visual +{f['visual'] / 1e9:.2f}, router +{f['router'] / 1e9:.2f}  => ratio {f['ratio']:.3f}")
 

@@ -7,8 +7,10 @@ import argparse
 # Variants a benchmark can compare: "llava" (the baseline), "wings" (default kernels), and "wings+OPTION" with
 # OPTION one or more of: eager (router_impl="eager", the reference that materialises probabilities), separate (the
 # router summary in its own SDPA call instead of extra value channels of the main one), unfused (separate
-# down-projections of the learners), recompute (learner activations recomputed in the backward).
-VARIANT_OPTIONS = ("eager", "separate", "unfused", "recompute")
+# down-projections of the learners), recompute (learner activations recomputed in the backward), masked (every
+# learner query against every key under the mask, instead of the queries grouped by token kind).
+VARIANT_OPTIONS = ("eager", "separate", "unfused", "recompute", "masked")
+IMAGE_AT = 8  # text tokens before each sample's image
 
 
 def add_shape_args(p: argparse.ArgumentParser, batch: int, seq: int) -> None:
@@ -56,7 +58,7 @@ def build(args: argparse.Namespace, mode: str):
     device = torch.device(args.device)
     model.to(device).train()
     ids = torch.randint(10, 900, (args.batch, args.seq))
-    ids[:, 8:8 + processor.image_seq_length] = processor.image_token_id
+    ids[:, IMAGE_AT:IMAGE_AT + processor.image_seq_length] = processor.image_token_id
     batch = {"input_ids": ids.to(device),
              "pixel_values": torch.randn(args.batch, 3, args.image_size, args.image_size, device=device)}
     batch["labels"] = batch["input_ids"]
@@ -67,7 +69,7 @@ def set_kernel_options(model, options: list[str]) -> None:
     """Switch the model's runtime kernel choices (`model.wings_kernels`) to the reference paths named in options."""
     kernels = getattr(model, "wings_kernels", None)
     wanted = {"separate": ("fused_router", False), "unfused": ("fused_lowrank", False),
-              "recompute": ("learner_recompute", True)}
+              "recompute": ("learner_recompute", True), "masked": ("grouped_learners", False)}
     for option in options:
         if option in wanted:
             if kernels is None:

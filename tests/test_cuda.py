@@ -133,8 +133,8 @@ def test_cuda_bf16_training_stages_then_chat(make_tiny, tmp_path):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_cuda_fused_router_and_down_projections_equal_reference(make_tiny, dtype):
-    """Value channels in the GPU's fused SDPA kernels (head size padded) and fused down-projections == reference,
-    forward and backward."""
+    """Value channels in the GPU's fused SDPA kernels (head size padded), fused down-projections and the grouped
+    learner attention == reference, forward and backward."""
     from test_model_fused import assert_same, padded_batch, run
 
     model, processor = wings_on(make_tiny, CUDA, dtype)
@@ -142,8 +142,8 @@ def test_cuda_fused_router_and_down_projections_equal_reference(make_tiny, dtype
     batch = on(padded_batch(processor), CUDA)
     batch["pixel_values"] = batch["pixel_values"].to(dtype)
     tol = 1e-5 if dtype == torch.float32 else 3e-2
-    fused = run(model, batch, fused_router=True, fused_lowrank=True)
-    assert_same(fused, run(model, batch, fused_router=False, fused_lowrank=False), tol)
+    fused = run(model, batch, fused_router=True, fused_lowrank=True, grouped_learners=True)
+    assert_same(fused, run(model, batch, fused_router=False, fused_lowrank=False, grouped_learners=False), tol)
     assert_same(run(model, batch, learner_recompute=True), fused, tol)
 
 

@@ -277,3 +277,26 @@ def test_router_probe_falls_back_for_other_kernels_and_masks(base_impl, mask_kin
 ])
 def test_router_probe_dispatch_decision(base_impl, mask, kwargs, fusable):
     assert router_probe_fusable(base_impl, mask, kwargs) is fusable
+
+
+@pytest.mark.parametrize("side", ["left", "right"])
+@pytest.mark.parametrize("router", ["position", "segment"])
+def test_grouped_learner_attention_equals_masked(make_tiny, side, router):
+    """Queries grouped by token kind (causal over their own kind + the other kind over the keys it can see) ==
+    every query against every key under the mask, forward and backward; padded batches with one image, two images,
+    no image, and an image before any text (the textual learner's image queries then see no key)."""
+    model, processor = setup(make_tiny, router=router)
+    model.train()
+    layouts = (*PROMPT_LAYOUTS, ["i", "t5"])
+    rows = [make_ids(processor, layout, seed=i)[0].tolist() for i, layout in enumerate(layouts)]
+    width = max(map(len, rows))
+    ids, mask = torch.zeros(len(rows), width, dtype=torch.long), torch.zeros(len(rows), width, dtype=torch.long)
+    for i, row in enumerate(rows):
+        sl = slice(width - len(row), width) if side == "left" else slice(0, len(row))
+        ids[i, sl], mask[i, sl] = torch.tensor(row), 1
+    side_px = processor.image_processor.size.get("height") or processor.image_processor.size["shortest_edge"]
+    batch = {"input_ids": ids, "attention_mask": mask,
+             "pixel_values": torch.randn(4, 3, side_px, side_px, generator=torch.Generator().manual_seed(0))}
+    reference = run(model, batch, grouped_learners=False)
+    assert_same(run(model, batch, grouped_learners=True), reference, 1e-5)
+    assert_same(run(model, batch, grouped_learners=True, learner_recompute=True), reference, 1e-5)

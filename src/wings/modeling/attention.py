@@ -18,6 +18,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from . import compat
+from .grouped import grouped_attention
 from .learner import (
     LoRRALearner,
     additive_mask,
@@ -173,6 +174,9 @@ def _learner_outputs(attn: nn.Module, learners: dict[str, LoRRALearner], hidden:
     keys = {kind: state.learner_keys(attn.wings_layer_idx, kind, learner) for kind, learner in learners.items()}
     running = [kind for kind in learners if keys[kind] is not None]
     outs: dict[str, torch.Tensor | None] = {kind: None for kind in learners}
+    grouping = state.grouping if state.compat_official is None else None
+    if grouping is not None:  # queries grouped by token kind (grouped.py): rows instead of tokens until the end
+        hidden, query_rope = grouping.rows(hidden), grouping.rope
     hidden = autocast_input(hidden)
     if len(running) == 2 and state.kernels.fused_lowrank:
         # Both queries read h' and share heads and positions: one down matmul, one batched up matmul (identity
@@ -183,6 +187,10 @@ def _learner_outputs(attn: nn.Module, learners: dict[str, LoRRALearner], hidden:
         queries = {kind: learners[kind].queries(hidden + learners[kind].q_proj(hidden), query_rope)
                    for kind in running}
     for kind in running:
+        if grouping is not None:
+            low = grouped_attention(learners[kind], kind, queries[kind], keys[kind], grouping, state.memo)
+            outs[kind] = grouping.tokens(low)  # [B, T, r]
+            continue
         if state.compat_official is not None:
             mask = compat.learner_mask(kind, keys[kind], state.query_positions)
         else:  # every layer's keys of one kind share positions and validity: build the mask once per forward

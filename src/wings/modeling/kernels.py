@@ -20,3 +20,7 @@ class WingsKernels:
     # Recompute the learners' activations (queries, keys, values, attention) in the backward instead of keeping
     # them: less memory for one more learner forward. Only in training with autograd on; off by default.
     learner_recompute: bool = False
+    # Without earlier keys (training, evaluation, a first prefill), the learners attend with the queries grouped by
+    # token kind: a causal attention of each kind over itself plus the other kind over the keys it can see, instead
+    # of all queries against all keys under a mask (grouped.py); False: the masked form.
+    grouped_learners: bool = True

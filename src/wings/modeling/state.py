@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from .buffers import ColumnBuffer, TransposedColumnBuffer
+from .grouped import TokenGrouping, token_grouping, visible_prefixes
 from .kernels import WingsKernels
 from .learner import LearnerKeys, autocast_input, head_broadcast
 from .router import SEG_IMAGE, SEG_PAD, SEG_TEXT_AFTER, SEG_TEXT_BEFORE, check_router_width, segment_values
@@ -37,6 +38,7 @@ class TokenSet:
     valid: torch.Tensor  # [B, N]
     cos: torch.Tensor  # [B, 1, N, hd] (broadcast over heads)
     sin: torch.Tensor  # [B, 1, N, hd]
+    index: torch.Tensor | None = None  # [B, N] the column of each token in this forward (padding: any column)
 
 
 class LearnerCache:
@@ -158,6 +160,7 @@ class WingsState:
     new_segments: torch.Tensor | None = None  # [B, T] SEG_* ids of this forward's tokens
     query_valid: torch.Tensor | None = None  # [B, T] bool: this forward's real (non-padding) tokens
     memo: dict = field(default_factory=dict)  # per-forward tensors every layer shares (masks)
+    grouping: TokenGrouping | None = None  # the tokens grouped by kind, when the learners attend grouped
 
     def plain_causal(self) -> bool:
         """Right padding (or none) without earlier tokens: valid tokens form a prefix at positions 0..n-1, so for
@@ -208,15 +211,15 @@ class WingsState:
 
 def gather_tokens(x: torch.Tensor, keep: torch.Tensor, positions: torch.Tensor,
                   n: int | None = None) -> tuple[torch.Tensor, ...]:
-    """Compact the tokens where `keep` [B, S] is True, in order. Returns feats [B,N,d], positions, valid.
-    `n`: the largest count of kept tokens in a row, when the caller already knows it."""
+    """Compact the tokens where `keep` [B, S] is True, in order. Returns feats [B,N,d], positions, valid and the
+    index [B, N] of each. `n`: the largest count of kept tokens in a row, when the caller already knows it."""
     counts = keep.sum(dim=1)
     if n is None:
         n = int(counts.max()) if keep.numel() else 0
     order = torch.sort((~keep).to(torch.int8), dim=1, stable=True).indices[:, :n]  # kept indices first
     feats = x.gather(1, order[..., None].expand(-1, -1, x.shape[-1]))
     valid = torch.arange(n, device=x.device)[None, :] < counts[:, None]
-    return feats, positions.gather(1, order), valid
+    return feats, positions.gather(1, order), valid, order
 
 
 def token_set(x: torch.Tensor, keep: torch.Tensor, positions: torch.Tensor, rotary_emb,
@@ -224,11 +227,11 @@ def token_set(x: torch.Tensor, keep: torch.Tensor, positions: torch.Tensor, rota
     """The learner key features where `keep` is True, with RoPE tables at their true positions. Under autocast
     the features are cast here, once per forward, rather than in every layer's key projection."""
     if keep.shape[1] == 1:  # one token per sample (decoding): nothing to compact, `keep` is the validity
-        feats, pos, ok = x, positions, keep
+        feats, pos, ok, index = x, positions, keep, torch.zeros_like(positions)
     else:
-        feats, pos, ok = gather_tokens(x, keep, positions, n)
+        feats, pos, ok, index = gather_tokens(x, keep, positions, n)
     cos, sin = head_broadcast(*rotary_emb(feats, pos))
-    return TokenSet(autocast_input(feats), pos, ok, cos, sin)
+    return TokenSet(autocast_input(feats), pos, ok, cos, sin, index)
 
 
 def token_segments(is_image: torch.Tensor, valid: torch.Tensor, seen_image: torch.Tensor | None) -> torch.Tensor:
@@ -278,10 +281,17 @@ def build_state(
     segments = token_segments(is_image, valid, seen)
 
     visual_keep, textual_keep = is_image & valid, ~is_image & valid
-    # One host sync for both token counts (a compiled forward breaks its graph here, before the decoder).
-    n_visual, n_textual = torch.stack([visual_keep.sum(1).max(), textual_keep.sum(1).max()]).tolist()
+    # Grouped learner attention (grouped.py) needs every key to be one of this forward's tokens.
+    grouped = kernels.grouped_learners and is_image.shape[1] > 1 and (cache is None or cache.length == 0)
+    counts = [visual_keep.sum(1).max(), textual_keep.sum(1).max()]
+    # One host sync for the token counts (a compiled forward breaks its graph here, before the decoder).
+    n_visual, n_textual, *visible = torch.stack(
+        counts + (visible_prefixes(visual_keep, textual_keep) if grouped else [])).tolist()
     visual = token_set(inputs_embeds, visual_keep, position_ids, rotary_emb, n_visual) if n_visual else None
     textual = token_set(inputs_embeds, textual_keep, position_ids, rotary_emb, n_textual) if n_textual else None
+    grouping = None
+    if grouped and (visual is not None or textual is not None):
+        grouping = token_grouping(visual, textual, valid, dict(zip(("visual", "textual"), visible, strict=True)))
     has_image = is_image.any(dim=1)
     key_positions, key_segments, key_valid = position_ids, segments, valid
     if cache is not None:
@@ -303,4 +313,5 @@ def build_state(
         kernels=kernels,
         new_segments=segments,
         query_valid=valid,
+        grouping=grouping,
     )
