@@ -111,7 +111,8 @@ def _make_probe(attn: nn.Module, state: WingsState) -> RouterProbe | None:
 
     values = state.router_values(attn.wings_layer_idx, router)
     if "padding_queries" not in state.memo:  # [B, T, 1]: the queries whose summary is zeroed
-        state.memo["padding_queries"] = None if state.query_valid is None else ~state.query_valid[..., None]
+        no_padding = state.query_valid is None or state.all_queries_valid
+        state.memo["padding_queries"] = None if no_padding else ~state.query_valid[..., None]
     return RouterProbe(values, mask_fn, state.router_impl, fused=state.kernels.fused_router,
                        plain_causal=state.plain_causal, padding_queries=state.memo["padding_queries"])
 
@@ -145,7 +146,9 @@ def learner_delta(attn: nn.Module, hidden: torch.Tensor, state: WingsState, quer
             return _plus(compat.combine(outs.get("visual"), outs.get("textual"), weights, state), anchors)
         # A sample without any image skips the visual learner and keeps the textual learner at full weight.
         w_vis = weights[..., :1]
-        w_txt = torch.where(state.has_image[:, None, None], weights[..., 1:], torch.ones_like(weights[..., 1:]))
+        w_txt = weights[..., 1:]
+        if not state.all_have_image:
+            w_txt = torch.where(state.has_image[:, None, None], w_txt, torch.ones_like(w_txt))
     scales = {"visual": w_vis, "textual": w_txt}
     if not low:
         return _plus(torch.zeros_like(hidden), anchors)
@@ -196,7 +199,7 @@ def _learner_outputs(attn: nn.Module, learners: dict[str, LoRRALearner], hidden:
         else:  # every layer's keys of one kind share positions and validity: build the mask once per forward
             if kind not in state.memo:
                 safe, sees_any = learner_mask(keys[kind], state.query_positions)
-                state.memo[kind] = (additive_mask(safe, queries[kind].dtype), sees_any)
+                state.memo[kind] = (additive_mask(safe, queries[kind].dtype), sees_any.to(queries[kind].dtype))
             mask = state.memo[kind]
         outs[kind] = learners[kind].attend(queries[kind], keys[kind], mask)
     return outs

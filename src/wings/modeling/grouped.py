@@ -95,7 +95,7 @@ def grouped_attention(learner: LoRRALearner, kind: str, query: torch.Tensor, key
         if f"grouped/{kind}" not in memo:  # shared by every layer of this forward
             positions, valid = keys.positions[:, None, :n], keys.valid[:, None, :n]
             safe, sees_any = open_empty_rows(valid & (positions <= grouping.positions[:, other, None]))
-            memo[f"grouped/{kind}"] = (additive_mask(safe, query.dtype), sees_any)
+            memo[f"grouped/{kind}"] = (additive_mask(safe, query.dtype), sees_any.to(query.dtype))
         visible = LearnerKeys(key[:, :, :n], value[:, :, :n], keys.positions[:, :n], keys.valid[:, :n])
         parts.append(learner.attend(rows, visible, memo[f"grouped/{kind}"]))
     else:  # no query of the other kind sees any key of this one

@@ -161,6 +161,10 @@ class WingsState:
     query_valid: torch.Tensor | None = None  # [B, T] bool: this forward's real (non-padding) tokens
     memo: dict = field(default_factory=dict)  # per-forward tensors every layer shares (masks)
     grouping: TokenGrouping | None = None  # the tokens grouped by kind, when the learners attend grouped
+    # Known on the host (from build_state's one sync): no padding query in this forward, every sample has an image.
+    # They spare each layer a masking op; False is always correct.
+    all_queries_valid: bool = False
+    all_have_image: bool = False
 
     def plain_causal(self) -> bool:
         """Right padding (or none) without earlier tokens: valid tokens form a prefix at positions 0..n-1, so for
@@ -283,20 +287,18 @@ def build_state(
     visual_keep, textual_keep = is_image & valid, ~is_image & valid
     # Grouped learner attention (grouped.py) needs every key to be one of this forward's tokens.
     grouped = kernels.grouped_learners and is_image.shape[1] > 1 and (cache is None or cache.length == 0)
-    counts = [visual_keep.sum(1).max(), textual_keep.sum(1).max()]
-    # One host sync for the token counts (a compiled forward breaks its graph here, before the decoder).
-    n_visual, n_textual, *visible = torch.stack(
+    has_image = is_image.any(dim=1) if seen is None else is_image.any(dim=1) | seen
+    counts = [visual_keep.sum(1).max(), textual_keep.sum(1).max(), valid.all(), has_image.all()]
+    # One host sync for the counts and flags (a compiled forward breaks its graph here, before the decoder).
+    n_visual, n_textual, all_valid, all_images, *visible = torch.stack(
         counts + (visible_prefixes(visual_keep, textual_keep) if grouped else [])).tolist()
     visual = token_set(inputs_embeds, visual_keep, position_ids, rotary_emb, n_visual) if n_visual else None
     textual = token_set(inputs_embeds, textual_keep, position_ids, rotary_emb, n_textual) if n_textual else None
     grouping = None
     if grouped and (visual is not None or textual is not None):
         grouping = token_grouping(visual, textual, valid, dict(zip(("visual", "textual"), visible, strict=True)))
-    has_image = is_image.any(dim=1)
     key_positions, key_segments, key_valid = position_ids, segments, valid
     if cache is not None:
-        if seen is not None:
-            has_image = has_image | seen
         cache.append_metadata(position_ids, segments, valid)
         key_positions, key_segments, key_valid = cache.key_positions, cache.key_segments, cache.key_valid
         cache.seen_image = has_image
@@ -314,4 +316,6 @@ def build_state(
         new_segments=segments,
         query_valid=valid,
         grouping=grouping,
+        all_queries_valid=bool(all_valid),
+        all_have_image=bool(all_images),
     )
