@@ -4,15 +4,16 @@ A decoding step reads every cached key and value for one query per head: it is m
 products are laid out decides how fast that read goes. Measured on the development machine (AMD EPYC, MKL, one
 thread, 16 heads x 576 keys x head size 128, fp32, cache evicted between calls; `benchmarks/bench_attention.py`):
 
-    scores  q @ K^T   (the layout of SDPA and HF's eager attention)     ~0.71 ms
-            K @ q^T   (a matrix-vector product over the rows of K)      ~0.29 ms
-    values  p @ V     (V stored [S, D], as every KV cache keeps it)     ~0.64 ms
-            V^T @ p^T (V stored transposed, [D, S])                     ~0.27 ms
-    SDPA, both products                                                 ~1.3-1.4 ms
+    scores  q @ K^T   (the layout of SDPA and HF's eager attention)     ~0.8 ms
+            K @ q^T   (a matrix-vector product over the rows of K)      ~0.4 ms
+    values  p @ V     (V stored [S, D], as every KV cache keeps it)     ~0.8 ms
+            V^T @ p^T (V stored transposed, [D, S])                     ~0.3 ms
+    SDPA, both products                                                 ~1.4 ms
 
-(reading the same 4.7 MiB with `sum` took ~0.27 ms). So the scores are computed as `(K q^T)^T`, and the values as
-`V^T p^T` where the cache stores them transposed (`TransposedColumnBuffer`: the learner cache does on the CPU).
-The results equal SDPA's up to rounding (tests/test_model_fused.py).
+(reading the same 4.5 MiB with `sum` took ~0.27 ms; docs/PERFORMANCE.md has the table at batch 1 and 8). So the
+scores are computed as `(K q^T)^T`, and the values as `V^T p^T` where the cache stores them transposed
+(`TransposedColumnBuffer`: the learner cache does on the CPU). The results equal SDPA's up to rounding
+(tests/test_model_decode_kernels.py).
 """
 
 from __future__ import annotations
