@@ -6,7 +6,8 @@ computes every (query, key) pair, visible or not. With the queries grouped by ki
 text tokens, each group in sequence order, padded per batch like the keys):
 
 - the learner's own kind: query i of the group sees exactly keys 0..i of the same group, a plain causal attention
-  (`is_causal`, where the kernels skip the hidden blocks);
+  (`is_causal`: GPU kernels skip the hidden blocks; PyTorch's CPU kernel only whole blocks of 512 keys, so on the
+  CPU grouping bought 1-1.5% of a training step, docs/PERFORMANCE.md);
 - the other kind: a masked attention over the keys that any of its queries can see at all (for the textual learner
   the text before the last image: with one image after a short prompt, a few keys).
 
