@@ -33,28 +33,34 @@ class GrowingLayer(DynamicLayer):
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
-        held = self.__dict__.get("_wings_buffers")
-        if held is None or self.keys is not held[0].view or self.values is not held[1].view:
-            if self.keys.numel() == 0:  # the first tokens (the empty tensor of `lazy_initialization`)
-                held = (ColumnBuffer(key_states, 2, KV_GROWTH), ColumnBuffer(value_states, 2, KV_GROWTH))
-                self.__dict__["_wings_buffers"] = held
-                self.keys, self.values = held[0].view, held[1].view
-                return self.keys, self.values
-            held = (ColumnBuffer(self.keys, 2, KV_GROWTH), ColumnBuffer(self.values, 2, KV_GROWTH))
-            self.__dict__["_wings_buffers"] = held
-        held[0].append(key_states)
-        held[1].append(value_states)
+        held = self._held()
+        if held is None and self.keys.numel() == 0:  # the first tokens (the empty tensor of `lazy_initialization`)
+            held = self._hold(key_states, value_states)
+        else:
+            held = held or self._hold(self.keys, self.values)  # keys replaced by the base class: take them over
+            held[0].append(key_states)
+            held[1].append(value_states)
         self.keys, self.values = held[0].view, held[1].view
         return self.keys, self.values
 
     def crop(self, tokens_to_remove: int) -> None:
-        held = self.__dict__.get("_wings_buffers")
-        if (tokens_to_remove >= 0 or held is None or self.keys is not held[0].view
-                or self.values is not held[1].view):
+        held = self._held()
+        if tokens_to_remove >= 0 or held is None:
             return super().crop(tokens_to_remove)  # its own checks and errors
         for buffer in held:  # the storage is kept: the next tokens overwrite the cropped columns
             buffer.truncate(max(buffer.length + tokens_to_remove, 0))
         self.keys, self.values = held[0].view, held[1].view
+
+    def _held(self) -> tuple[ColumnBuffer, ColumnBuffer] | None:
+        """The buffers behind `keys`/`values`, unless something replaced those since."""
+        held = self.__dict__.get("_wings_buffers")
+        if held is None or self.keys is not held[0].view or self.values is not held[1].view:
+            return None
+        return held
+
+    def _hold(self, keys: torch.Tensor, values: torch.Tensor) -> tuple[ColumnBuffer, ColumnBuffer]:
+        held = self.__dict__["_wings_buffers"] = (ColumnBuffer(keys, 2, KV_GROWTH), ColumnBuffer(values, 2, KV_GROWTH))
+        return held
 
 
 def grow_in_place(cache: DynamicCache) -> None:

@@ -35,7 +35,6 @@ class TokenGrouping:
     inverse: torch.Tensor  # [B, T] the row of each token (0 for padding tokens, zeroed after)
     token_valid: torch.Tensor  # [B, T, 1] the real tokens of this forward
     positions: torch.Tensor  # [B, R] true positions of the rows
-    valid: torch.Tensor  # [B, R]
     rope: tuple[torch.Tensor, torch.Tensor]  # [B, 1, R, hd] RoPE tables of the rows
     n_visual: int  # rows [:n_visual] are visual tokens, the rest text tokens
     visible: dict[str, int]  # kind -> how many of its keys the other group's queries can see (a prefix)
@@ -67,7 +66,7 @@ def token_grouping(visual, textual, token_valid: torch.Tensor, visible: dict[str
     inverse.scatter_(1, torch.where(valid, index, T), rows)
     return TokenGrouping(
         index=index, inverse=inverse[:, :T], token_valid=token_valid[..., None],
-        positions=torch.cat([s.positions for s in sets], dim=1), valid=valid,
+        positions=torch.cat([s.positions for s in sets], dim=1),
         rope=(torch.cat([s.cos for s in sets], dim=2), torch.cat([s.sin for s in sets], dim=2)),
         n_visual=visual.feats.shape[1] if visual is not None else 0, visible=visible)
 
