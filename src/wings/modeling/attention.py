@@ -121,6 +121,9 @@ def learner_delta(attn: nn.Module, hidden: torch.Tensor, state: WingsState, quer
     """hidden: h' [B, T, d] -> w_v * Vis(h') + w_t * Txt(h') (or their plain sum without a router)."""
     layer_idx = attn.wings_layer_idx
     learners = {kind: getattr(attn, kind) for kind in LEARNER_KINDS if getattr(attn, kind, None) is not None}
+    # Under autocast the learners run in the autocast dtype: cast h' once, here, so that what the backward keeps of
+    # it (the checkpoint's input below, or the query down-projection's input) is the narrow copy, never fp32 h'.
+    hidden = autocast_input(hidden)
     if state.kernels.learner_recompute and attn.training and torch.is_grad_enabled() and state.cache is None:
         # Keep only h' (and the shared key features) for the backward; the learners run again there.
         low = checkpoint(_learner_outputs, attn, learners, hidden, state, query_rope, use_reentrant=False)
@@ -180,7 +183,6 @@ def _learner_outputs(attn: nn.Module, learners: dict[str, LoRRALearner], hidden:
     grouping = state.grouping if state.compat_official is None else None
     if grouping is not None:  # queries grouped by token kind (grouped.py): rows instead of tokens until the end
         hidden, query_rope = grouping.rows(hidden), grouping.rope
-    hidden = autocast_input(hidden)
     if len(running) == 2 and state.kernels.fused_lowrank:
         # Both queries read h' and share heads and positions: one down matmul, one batched up matmul (identity
         # folded in), one RoPE over the stacked pair.

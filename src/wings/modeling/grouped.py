@@ -31,21 +31,26 @@ class TokenGrouping:
     """This forward's tokens in grouped order: `rows` = [visual tokens | text tokens], each group padded to its
     largest count in the batch (as the learner keys are)."""
 
-    index: torch.Tensor  # [B, R] the token (column of T) of each row
-    inverse: torch.Tensor  # [B, T] the row of each token (0 for padding tokens, zeroed after)
+    index: torch.Tensor  # [B * R] the token of each row, as a row of the flattened [B * T] tokens
+    inverse: torch.Tensor  # [B * T] the row of each token, as a row of the flattened [B * R] rows (0 for padding)
     token_valid: torch.Tensor  # [B, T, 1] the real tokens of this forward
     positions: torch.Tensor  # [B, R] true positions of the rows
     rope: tuple[torch.Tensor, torch.Tensor]  # [B, 1, R, hd] RoPE tables of the rows
     n_visual: int  # rows [:n_visual] are visual tokens, the rest text tokens
     visible: dict[str, int]  # kind -> how many of its keys the other group's queries can see (a prefix)
 
+    # Both directions are `index_select`s over the flattened batch, not `gather`s: a gather saves its whole input
+    # for the backward (h', full width, in every layer), an index_select only the index.
     def rows(self, x: torch.Tensor) -> torch.Tensor:
         """x [B, T, d] -> [B, R, d] in grouped order."""
-        return x.gather(1, self.index[..., None].expand(-1, -1, x.shape[-1]))
+        B, R = self.positions.shape
+        return x.flatten(0, 1).index_select(0, self.index).view(B, R, x.shape[-1])
 
     def tokens(self, x: torch.Tensor) -> torch.Tensor:
         """x [B, R, c] -> [B, T, c] back in sequence order, 0 at padding tokens."""
-        return x.gather(1, self.inverse[..., None].expand(-1, -1, x.shape[-1])) * self.token_valid.to(x.dtype)
+        B, T, _ = self.token_valid.shape
+        picked = x.flatten(0, 1).index_select(0, self.inverse).view(B, T, x.shape[-1])
+        return picked * self.token_valid.to(x.dtype)
 
     def own_and_other(self, kind: str) -> tuple[slice, slice]:
         """Row slices of the learner's own kind and of the other kind."""
@@ -64,8 +69,10 @@ def token_grouping(visual, textual, token_valid: torch.Tensor, visible: dict[str
     # Padding rows write into an extra column that is dropped (their index points at some unrelated token).
     inverse = torch.zeros(B, T + 1, dtype=torch.long, device=index.device)
     inverse.scatter_(1, torch.where(valid, index, T), rows)
+    offsets = torch.arange(B, device=index.device)[:, None]
     return TokenGrouping(
-        index=index, inverse=inverse[:, :T], token_valid=token_valid[..., None],
+        index=(index + offsets * T).flatten(), inverse=(inverse[:, :T] + offsets * R).flatten(),
+        token_valid=token_valid[..., None],
         positions=torch.cat([s.positions for s in sets], dim=1),
         rope=(torch.cat([s.cos for s in sets], dim=2), torch.cat([s.sin for s in sets], dim=2)),
         n_visual=visual.feats.shape[1] if visual is not None else 0, visible=visible)

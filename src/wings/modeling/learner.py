@@ -219,6 +219,10 @@ class LoRRALearner(nn.Module):
         """feats: [B, N, d] learner features at true `positions` [B, N] -> keys/values with RoPE applied.
         Under autocast, `feats` arrive already cast (`state.token_set`)."""
         key, value = plus_low_rank_pair(feats, self.k_proj, self.v_proj, fused_lowrank, self, "kv")
+        if fused_lowrank and value.requires_grad:
+            # The fused pair is one [2, B, N, d] tensor: attention saves `value` for its backward, which as a view
+            # would keep the key before RoPE alive with it (a full copy of the keys, per layer, until the backward).
+            value = value.clone()
         return LearnerKeys(apply_rope(self._heads(key), cos, sin), self._heads(value), positions, valid)
 
     def queries(self, query: torch.Tensor, query_rope: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
