@@ -7,9 +7,10 @@ import argparse
 # Variants a benchmark can compare: "llava" (the baseline), "wings" (default kernels), and "wings+OPTION" with
 # OPTION one or more of: eager (router_impl="eager", the reference that materialises probabilities), separate (the
 # router summary in its own SDPA call instead of extra value channels of the main one), unfused (separate
-# down-projections of the learners), recompute (learner activations recomputed in the backward), masked (every
+# down-projections of the learners), recompute (learner activations recomputed in the backward),
+# recompute-projections (the same, keeping the learners' attention outputs), masked (every
 # learner query against every key under the mask, instead of the queries grouped by token kind).
-VARIANT_OPTIONS = ("eager", "separate", "unfused", "recompute", "masked")
+VARIANT_OPTIONS = ("eager", "separate", "unfused", "recompute", "recompute-projections", "masked")
 IMAGE_AT = 8  # text tokens before each sample's image
 
 
@@ -69,7 +70,8 @@ def set_kernel_options(model, options: list[str]) -> None:
     """Switch the model's runtime kernel choices (`model.wings_kernels`) to the reference paths named in options."""
     kernels = getattr(model, "wings_kernels", None)
     wanted = {"separate": ("fused_router", False), "unfused": ("fused_lowrank", False),
-              "recompute": ("learner_recompute", True), "masked": ("grouped_learners", False)}
+              "recompute": ("learner_recompute", True), "recompute-projections": ("learner_recompute", "projections"),
+              "masked": ("grouped_learners", False)}
     for option in options:
         if option in wanted:
             if kernels is None:

@@ -4,7 +4,7 @@
 #      kernels), cached/batched/static-compiled generation, a bf16 two-stage Trainer run, chat;   ~2 min
 #   2. training step at a 7B-class width (hidden 4096, 32 heads, FFN 11008, 4 layers, bf16 autocast):
 #      time ratios of every variant interleaved in one process at B8 x 2048, then peak memory, one process per
-#      variant (llava, wings, wings with learner recompute);                                      ~4 min
+#      variant (llava, wings, wings with full or selective learner recompute);                    ~5 min
 #   3. decode at that width, one 576-token image, 128 new tokens, batch 1 and 8, against HF Llava
 #      (its stock cache, and the growing KV cache Wings uses);                                       ~3 min
 #   4. scale-out (issue 14): scripts/gpu_scaleout_check.sh (DDP, ZeRO-2/3, FSDP2 on NCCL; GPU only);  ~2-3 min
@@ -39,9 +39,10 @@ step() {  # step TITLE COMMAND...: run with a time limit, keep going on failure
 step "CUDA tests" $PY -m pytest -q -p no:cacheprovider -rA tests/test_cuda.py
 step "training step, time (variants interleaved)" $PY benchmarks/bench_train_step.py $DEV --precision $PREC $WIDTH \
     $TRAIN_SHAPE --rank 64 --repeats $REPEATS \
-    --variants llava,wings,wings+masked,wings+separate,wings+unfused,wings+recompute
+    --variants llava,wings,wings+masked,wings+separate,wings+unfused,wings+recompute,wings+recompute-projections
 step "training step, memory (one process per variant)" $PY benchmarks/bench_train_step.py --isolate $DEV \
-    --precision $PREC $WIDTH $TRAIN_SHAPE --rank 64 --repeats $REPEATS --variants llava,wings,wings+recompute
+    --precision $PREC $WIDTH $TRAIN_SHAPE --rank 64 --repeats $REPEATS \
+    --variants llava,wings,wings+recompute,wings+recompute-projections
 step "decode, batch 1" $PY benchmarks/bench_generate.py $DEV $WIDTH $DECODE --batch 1
 step "decode, batch 8" $PY benchmarks/bench_generate.py $DEV $WIDTH $DECODE --batch 8
 if [ "$PREC" = bf16 ]; then  # a GPU: the scale-out engines on NCCL (the CPU suite covers them on gloo)

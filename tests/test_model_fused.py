@@ -6,6 +6,7 @@ import copy
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from conftest import randomize_wings_
 from test_model_invariants import make_ids
@@ -135,12 +136,48 @@ def test_fused_lowrank_projections_equal_separate(make_tiny):
     assert_same(run(model, batch, fused_lowrank=True), run(model, batch, fused_lowrank=False), 1e-5)
 
 
-def test_learner_recompute_keeps_loss_and_gradients(make_tiny):
+@pytest.mark.parametrize("policy", [True, "projections"])
+def test_learner_recompute_keeps_loss_and_gradients(make_tiny, policy):
     model, processor = setup(make_tiny)
     model.train()
     batch = padded_batch(processor)
     kept = run(model, batch, learner_recompute=False)
-    assert_same(run(model, batch, learner_recompute=True), kept, 1e-6)
+    assert_same(run(model, batch, learner_recompute=policy), kept, 1e-6)
+
+
+class AttentionKernelCalls(TorchDispatchMode):
+    """Counts the fused attention kernels run (forward ones, not their backward ops) while active."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = func.name()
+        self.calls += name.startswith("aten::_scaled_dot_product") and "backward" not in name
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("policy, replayed", [(True, 4), ("projections", 0)])
+def test_learner_recompute_policy_decides_what_the_backward_replays(make_tiny, policy, replayed):
+    """Full recompute runs each learner's attention again in the backward; "projections" keeps the attention
+    outputs and replays only the projections around them (2 layers x 2 learners, ungrouped: one call each)."""
+    model, processor = setup(make_tiny)
+    model.train()
+    model.wings_kernels.learner_recompute = policy
+    model.wings_kernels.grouped_learners = False
+    loss = model(**padded_batch(processor)).logits.float().square().mean()
+    with AttentionKernelCalls() as counter:
+        loss.backward()
+    assert counter.calls == replayed
+
+
+def test_learner_recompute_rejects_an_unknown_policy(make_tiny):
+    model, processor = setup(make_tiny)
+    model.train()
+    model.wings_kernels.learner_recompute = "attention"
+    with pytest.raises(ValueError, match="learner_recompute must be"):
+        model(**padded_batch(processor))
 
 
 def test_fast_paths_under_bf16_autocast(make_tiny):
@@ -153,19 +190,22 @@ def test_fast_paths_under_bf16_autocast(make_tiny):
     with torch.autocast("cpu", dtype=torch.bfloat16):
         reference = run(model, batch, grouped_learners=False, fused_lowrank=False, learner_recompute=False)
         fast = run(model, batch, grouped_learners=True, fused_lowrank=True, learner_recompute=False)
-        recomputed = run(model, batch, grouped_learners=True, fused_lowrank=True, learner_recompute=True)
+        recomputed = [run(model, batch, grouped_learners=True, fused_lowrank=True, learner_recompute=policy)
+                      for policy in (True, "projections")]
     assert reference[0].dtype == torch.bfloat16
-    assert_same(recomputed, fast, 1e-6)
+    for result in recomputed:
+        assert_same(result, fast, 1e-6)
     assert_same(fast, reference, 1.5e-2)  # measured: logits 0.005, gradients 0.006 (relative to their largest)
 
 
-def test_learner_recompute_inside_gradient_checkpointing(make_tiny):
+@pytest.mark.parametrize("policy", [True, "projections"])
+def test_learner_recompute_inside_gradient_checkpointing(make_tiny, policy):
     model, processor = setup(make_tiny)
     reference = copy.deepcopy(model).train()
     model.train()
     model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     batch = padded_batch(processor)
-    assert_same(run(model, batch, learner_recompute=True), run(reference, batch), 1e-6)
+    assert_same(run(model, batch, learner_recompute=policy), run(reference, batch), 1e-6)
 
 
 def test_column_buffer_appends_in_place_and_keeps_order():

@@ -51,6 +51,12 @@ def test_overrides_are_typed_and_dotted():
     assert config.train.gradient_checkpointing is False and config.train.resume is None
 
 
+@pytest.mark.parametrize("value, expected", [("true", True), ("projections", "projections"), ("false", False)])
+def test_learner_recompute_takes_a_bool_or_projections(value, expected):
+    config = load_config(CONFIGS / "wings_stage2.yaml", [f"train.learner_recompute={value}"])
+    assert config.train.learner_recompute == expected and type(config.train.learner_recompute) is type(expected)
+
+
 @pytest.mark.parametrize("override, message", [
     ("train.max_stepz=3", "train.max_stepz"),
     ("train.max_steps=abc", "train.max_steps must be an integer"),
@@ -60,6 +66,7 @@ def test_overrides_are_typed_and_dotted():
     ("train.lr=-1", "train.lr must be > 0"),
     ("data.policy=ignore", "data.policy"),
     ("novalue", "not key=value"),
+    ("train.learner_recompute=attention", "train.learner_recompute must be false, true or projections"),
 ])
 def test_bad_config_values_are_named(override, message):
     with pytest.raises(ValueError, match=message) as err:

@@ -12,7 +12,7 @@ from transformers import AutoModelForImageTextToText, AutoProcessor, TrainerCall
 
 from wings.cli import main as wings_main
 from wings.training import classify, load_config, train
-from wings.training.stages import load_stage_model
+from wings.training.stages import load_stage_model, prepare_model
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 # Small, fast, deterministic runs: fp32, no logging integrations, every step logged, no warmup.
@@ -218,3 +218,10 @@ def test_mode_switch_on_load_keeps_the_base_weights(tiny_llava_dir, tmp_path):
     for name, value in base.items():  # stock names in both modes
         assert torch.equal(value, loaded[name]), name
     assert any(".visual." in n for n in loaded) and not any(".textual." in n for n in loaded)
+
+
+def test_learner_recompute_setting_reaches_the_model(tiny_model_dir):
+    cfg = load_config(CONFIGS / "wings_stage2.yaml", [f"model.path={tiny_model_dir}",
+                                                       "train.learner_recompute=projections"])
+    model, _ = prepare_model(cfg)
+    assert model.wings_kernels.learner_recompute == "projections"

@@ -19,6 +19,7 @@ from torch.utils.checkpoint import checkpoint
 
 from . import compat
 from .grouped import grouped_attention
+from .kernels import recompute_context
 from .learner import (
     LoRRALearner,
     additive_mask,
@@ -125,8 +126,10 @@ def learner_delta(attn: nn.Module, hidden: torch.Tensor, state: WingsState, quer
     # it (the checkpoint's input below, or the query down-projection's input) is the narrow copy, never fp32 h'.
     hidden = autocast_input(hidden)
     if state.kernels.learner_recompute and attn.training and torch.is_grad_enabled() and state.cache is None:
-        # Keep only h' (and the shared key features) for the backward; the learners run again there.
-        low = checkpoint(_learner_outputs, attn, learners, hidden, state, query_rope, use_reentrant=False)
+        # Keep only h' (and the shared key features; with "projections" also the attention outputs) for the
+        # backward; the learners run again there.
+        low = checkpoint(_learner_outputs, attn, learners, hidden, state, query_rope, use_reentrant=False,
+                         context_fn=recompute_context(state.kernels.learner_recompute))
     else:
         low = _learner_outputs(attn, learners, hidden, state, query_rope)
     # A learner without keys (e.g. the visual one in a text-only batch) is skipped; in training its parameters

@@ -143,6 +143,9 @@ class OptimConfig:
         epochs / max_steps: length (max_steps > 0 wins).  batch_size: per device.  grad_accum: micro-batches per step.
         precision: fp32 | bf16 | fp16 (mixed precision; master weights stay fp32).
         gradient_checkpointing: recompute activations (non-reentrant).  seed: everything random.
+        learner_recompute: without gradient_checkpointing, recompute only the Wings learners' activations in
+            the backward: true (all of them, the least memory) or "projections" (keep their attention outputs:
+            most of the saving for little time); docs/PERFORMANCE.md "Memory".
         save_steps / save_total_limit: checkpoints.  logging_steps: loss logging interval.
         report_to: HF integrations ("tensorboard", "wandb") or [] for none.
         resume: None (fresh), "auto" (latest complete checkpoint in output_dir, if any) or a checkpoint path.
@@ -163,6 +166,7 @@ class OptimConfig:
     grad_accum: int = 1
     precision: str = "fp32"
     gradient_checkpointing: bool = False
+    learner_recompute: bool | str = False
     seed: int = 42
     save_steps: int = 500
     save_total_limit: int | None = 2
@@ -189,6 +193,9 @@ class OptimConfig:
             raise ValueError("set train.max_steps > 0 or train.epochs > 0")
         if not 0 <= self.seed < 2**32:
             raise ValueError(f"train.seed must be in [0, 2**32), got {self.seed}")
+        if self.learner_recompute not in (False, True, "projections"):
+            raise ValueError(
+                f"train.learner_recompute must be false, true or projections, got {self.learner_recompute!r}")
         check_scheduler(self.lr_scheduler)
         check_report_to(self.report_to)
         self.deepspeed = _expand(self.deepspeed)
@@ -359,7 +366,12 @@ def coerce(value: Any, hint: Any, name: str) -> Any:
         if value is None and type(None) in args:
             return None
         inner = [a for a in args if a is not type(None)]
-        return coerce(value, inner[0], name)
+        for hint_option in inner[:-1]:  # `bool | str`: the first type the value converts to
+            try:
+                return coerce(value, hint_option, name)
+            except ValueError:
+                pass
+        return coerce(value, inner[-1], name)
     if dataclasses.is_dataclass(hint):
         return build_dataclass(hint, value if value is not None else {}, f"{name}.")
     if origin is dict:

@@ -4,7 +4,7 @@ so a rerun with other data, another model or another learning rate never continu
 
 Not part of the identity (changing them between a run and its resume is fine): output_dir, train.resume,
 overwrite, logging and checkpointing cadence (report_to, logging_steps, save_steps, save_total_limit),
-data.num_workers, gradient_checkpointing (same math), ddp_backend.
+data.num_workers, gradient_checkpointing and learner_recompute (same math), ddp_backend.
 
 Fingerprints: data files are hashed whole (sha256), and a data file or start model that moved but kept its content
 is the same run; images are named by the records, not hashed (so data.image_root is compared as a path). Model weights
@@ -24,6 +24,7 @@ IDENTITY_FILE = "run_identity.json"
 IGNORED = {
     "output_dir", "overwrite", "train.resume", "train.report_to", "train.logging_steps", "train.save_steps",
     "train.save_total_limit", "data.num_workers", "train.gradient_checkpointing", "train.ddp_backend",
+    "train.learner_recompute",
 }
 PATH_KEYS = ("model.path", "data.path", "data.text_mix_path", "data.image_root")
 CHUNK = 1 << 20

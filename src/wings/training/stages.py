@@ -89,6 +89,8 @@ def merge_lora(model: nn.Module) -> int:
 def prepare_model(config: TrainConfig) -> tuple[nn.Module, dict[str, int]]:
     """Load, add LoRA if enabled, and set requires_grad by group; returns (model, trainable counts per group)."""
     model = load_stage_model(config)
+    if config.train.learner_recompute and hasattr(model, "wings_kernels"):
+        model.wings_kernels.learner_recompute = config.train.learner_recompute
     trainable = {g for g in GROUPS if config.trains(g)}
     if config.lora.enabled:
         add_lora(model, config)
