@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import traceback
 
 import pytest
 import torch
@@ -145,31 +146,62 @@ def test_learner_recompute_keeps_loss_and_gradients(make_tiny, policy):
     assert_same(run(model, batch, learner_recompute=policy), kept, 1e-6)
 
 
-class AttentionKernelCalls(TorchDispatchMode):
-    """Counts the fused attention kernels run (forward ones, not their backward ops) while active."""
+class ForwardOpCalls(TorchDispatchMode):
+    """Counts, while active, the fused attention kernels run (forward ones, not their backward ops) and the
+    `baddbmm`s (in a Wings forward only the fused low-rank up-projections use it; their backward does not)."""
 
     def __init__(self):
         super().__init__()
-        self.calls = 0
+        self.attention = self.baddbmm = 0
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         name = func.name()
-        self.calls += name.startswith("aten::_scaled_dot_product") and "backward" not in name
+        self.attention += name.startswith("aten::_scaled_dot_product") and "backward" not in name
+        self.baddbmm += name == "aten::baddbmm"
         return func(*args, **(kwargs or {}))
 
 
-@pytest.mark.parametrize("policy, replayed", [(True, 4), ("projections", 0)])
-def test_learner_recompute_policy_decides_what_the_backward_replays(make_tiny, policy, replayed):
+@pytest.mark.parametrize("policy, attention_replays", [(False, 0), (True, 4), ("projections", 0)])
+def test_learner_recompute_policy_decides_what_the_backward_replays(make_tiny, policy, attention_replays):
     """Full recompute runs each learner's attention again in the backward; "projections" keeps the attention
-    outputs and replays only the projections around them (2 layers x 2 learners, ungrouped: one call each)."""
+    outputs and replays only the projections around them (2 layers x 2 learners, ungrouped: one call each);
+    without recompute nothing is replayed."""
     model, processor = setup(make_tiny)
     model.train()
     model.wings_kernels.learner_recompute = policy
     model.wings_kernels.grouped_learners = False
     loss = model(**padded_batch(processor)).logits.float().square().mean()
-    with AttentionKernelCalls() as counter:
+    with ForwardOpCalls() as counter:
         loss.backward()
-    assert counter.calls == replayed
+    assert counter.attention == attention_replays
+    assert (counter.baddbmm > 0) == bool(policy)
+
+
+def test_learner_activations_under_autocast_keep_no_wide_extras(make_tiny):
+    """Under bf16 autocast what the learners save for the backward is bf16 (no fp32 copy of h' or the rows), and
+    a learner's values do not keep its keys before RoPE alive (the fused key/value pair is one tensor)."""
+    model, processor = setup(make_tiny)
+    model.train()
+    batch = padded_batch(processor)
+    B, T = batch["input_ids"].shape
+    width = model.config.text_config.hidden_size
+    learner_files = ("modeling/grouped.py", "modeling/learner.py", "modeling/attention.py")
+    saved = []
+
+    def pack(t):
+        if any(f.filename.endswith(learner_files) for f in traceback.extract_stack()):
+            saved.append((t.dtype, t.numel(), t.untyped_storage().nbytes()))
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), torch.autocast("cpu", dtype=torch.bfloat16):
+        model(**batch)
+    assert saved
+    assert not [s for s in saved if s[0] == torch.float32 and s[1] >= B * T * width]
+    keys = model.language_model.model.layers[0].self_attn.visual.project_keys(
+        torch.randn(B, 7, width), torch.arange(7).expand(B, 7), torch.ones(B, 7, dtype=torch.bool),
+        torch.ones(B, 7, width // model.config.text_config.num_attention_heads),
+        torch.zeros(B, 7, width // model.config.text_config.num_attention_heads), fused_lowrank=True)
+    assert keys.value.untyped_storage().nbytes() == keys.value.numel() * keys.value.element_size()
 
 
 def test_learner_recompute_rejects_an_unknown_policy(make_tiny):

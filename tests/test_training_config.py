@@ -53,7 +53,8 @@ def test_overrides_are_typed_and_dotted():
 
 @pytest.mark.parametrize("value, expected", [("true", True), ("projections", "projections"), ("false", False)])
 def test_learner_recompute_takes_a_bool_or_projections(value, expected):
-    config = load_config(CONFIGS / "wings_stage2.yaml", [f"train.learner_recompute={value}"])
+    config = load_config(CONFIGS / "wings_stage2.yaml", [f"train.learner_recompute={value}",
+                                                          "train.gradient_checkpointing=false"])
     assert config.train.learner_recompute == expected and type(config.train.learner_recompute) is type(expected)
 
 
@@ -67,6 +68,7 @@ def test_learner_recompute_takes_a_bool_or_projections(value, expected):
     ("data.policy=ignore", "data.policy"),
     ("novalue", "not key=value"),
     ("train.learner_recompute=attention", "train.learner_recompute must be false, true or projections"),
+    ("train.learner_recompute=true", "learners would run a third time"),  # the llava_stage1 config checkpoints
 ])
 def test_bad_config_values_are_named(override, message):
     with pytest.raises(ValueError, match=message) as err:

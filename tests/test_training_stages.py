@@ -222,6 +222,7 @@ def test_mode_switch_on_load_keeps_the_base_weights(tiny_llava_dir, tmp_path):
 
 def test_learner_recompute_setting_reaches_the_model(tiny_model_dir):
     cfg = load_config(CONFIGS / "wings_stage2.yaml", [f"model.path={tiny_model_dir}",
-                                                       "train.learner_recompute=projections"])
+                                                       "train.learner_recompute=projections",
+                                                       "train.gradient_checkpointing=false"])
     model, _ = prepare_model(cfg)
     assert model.wings_kernels.learner_recompute == "projections"

@@ -193,9 +193,14 @@ class OptimConfig:
             raise ValueError("set train.max_steps > 0 or train.epochs > 0")
         if not 0 <= self.seed < 2**32:
             raise ValueError(f"train.seed must be in [0, 2**32), got {self.seed}")
-        if self.learner_recompute not in (False, True, "projections"):
+        if not isinstance(self.learner_recompute, (bool, str)) or self.learner_recompute not in (
+                False, True, "projections"):
             raise ValueError(
                 f"train.learner_recompute must be false, true or projections, got {self.learner_recompute!r}")
+        if self.learner_recompute and self.gradient_checkpointing:
+            raise ValueError("train.learner_recompute with train.gradient_checkpointing: the checkpointing already "
+                             "recomputes whole layers, learners included, so the learners would run a third time; "
+                             "set one of them (learner_recompute needs gradient_checkpointing=false)")
         check_scheduler(self.lr_scheduler)
         check_report_to(self.report_to)
         self.deepspeed = _expand(self.deepspeed)
@@ -366,12 +371,15 @@ def coerce(value: Any, hint: Any, name: str) -> Any:
         if value is None and type(None) in args:
             return None
         inner = [a for a in args if a is not type(None)]
-        for hint_option in inner[:-1]:  # `bool | str`: the first type the value converts to
+        if len(inner) == 1:
+            return coerce(value, inner[0], name)
+        for hint_option in inner:  # `bool | str`: the first type the value converts to
             try:
                 return coerce(value, hint_option, name)
             except ValueError:
                 pass
-        return coerce(value, inner[-1], name)
+        allowed = " or ".join(getattr(a, "__name__", str(a)) for a in inner)
+        raise ValueError(f"{name} must be a {allowed}, got {value!r}")
     if dataclasses.is_dataclass(hint):
         return build_dataclass(hint, value if value is not None else {}, f"{name}.")
     if origin is dict:
