@@ -1,9 +1,9 @@
 """Where a training step's time and memory go: the tensors autograd saves for backward, and the top kernels.
 
     python benchmarks/profile_train_step.py --mode wings                      # CPU, the small LLM
-    python benchmarks/profile_train_step.py --mode wings+recompute-projections --hidden 1024 --heads 8 \
+    python benchmarks/profile_train_step.py --mode wings+recompute-projections --hidden 1024 --heads 8 \\
         --kv-heads 8 --intermediate 2752 --batch 2 --seq 2048 --image-size 384 --patch-size 16 --rows 0
-    python benchmarks/profile_train_step.py --mode llava --device cuda --hidden 4096 --layers 4 --heads 32 \
+    python benchmarks/profile_train_step.py --mode llava --device cuda --hidden 4096 --layers 4 --heads 32 \\
         --kv-heads 32 --intermediate 11008 --batch 8 --seq 2048
 
 `--mode` is any variant of bench_train_step.py (llava, wings, wings+OPTION). Same model and batch (bf16 autocast,

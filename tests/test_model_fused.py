@@ -197,10 +197,10 @@ def test_learner_activations_under_autocast_keep_no_wide_extras(make_tiny):
         model(**batch)
     assert saved
     assert not [s for s in saved if s[0] == torch.float32 and s[1] >= B * T * width]
+    head_dim = width // model.config.text_config.num_attention_heads
     keys = model.language_model.model.layers[0].self_attn.visual.project_keys(
         torch.randn(B, 7, width), torch.arange(7).expand(B, 7), torch.ones(B, 7, dtype=torch.bool),
-        torch.ones(B, 7, width // model.config.text_config.num_attention_heads),
-        torch.zeros(B, 7, width // model.config.text_config.num_attention_heads), fused_lowrank=True)
+        torch.ones(B, 7, head_dim), torch.zeros(B, 7, head_dim), fused_lowrank=True)
     assert keys.value.untyped_storage().nbytes() == keys.value.numel() * keys.value.element_size()
 
 
