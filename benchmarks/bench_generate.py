@@ -36,7 +36,7 @@ from PIL import Image
 from transformers import CompileConfig, LlavaConfig, LlavaForConditionalGeneration
 
 from wings.builder import TinySpec, build_tiny
-from wings.generation.cache import GrowingDynamicCache
+from wings.modeling.cache import GrowingDynamicCache
 
 
 def randomize_learners(model: torch.nn.Module, std: float = 0.05) -> None:

@@ -7,7 +7,7 @@ import pytest
 import torch
 from PIL import Image
 
-from wings.generation.cache import WingsDynamicCache
+from wings.modeling.cache import WingsDynamicCache
 
 QUESTION = "<|im_start|>user\n{}what shape is in the image?<|im_end|>\n<|im_start|>assistant\n"
 

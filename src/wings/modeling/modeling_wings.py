@@ -175,8 +175,8 @@ class WingsForConditionalGeneration(WingsPreTrainedModel, GenerationMixin):
             use_cache = self.config.text_config.use_cache and not self.training
         if self.config.mode == "wings" and self.config.compat == "official":
             use_cache = use_cache_official(cache, use_cache)
-        if use_cache and cache is None:  # (in both modes: its KV cache grows in place, see generation/cache.py)
-            from ..generation.cache import WingsDynamicCache
+        if use_cache and cache is None:  # (in both modes: its KV cache grows in place, see cache.py)
+            from .cache import WingsDynamicCache
 
             cache = WingsDynamicCache(config=self.config.text_config)
         if self.config.mode == "wings":
@@ -204,7 +204,7 @@ class WingsForConditionalGeneration(WingsPreTrainedModel, GenerationMixin):
 
     def _prepare_cache_for_generation(self, generation_config, model_kwargs, *args, **kwargs):
         # A cache class that keeps the learner cache in step (beams, crops); none at all in official compat.
-        from ..generation.cache import prepare_generation_cache
+        from .cache import prepare_generation_cache
 
         base = super()._prepare_cache_for_generation
         prepare_generation_cache(self, base, generation_config, model_kwargs, *args, **kwargs)
@@ -214,7 +214,7 @@ class WingsForConditionalGeneration(WingsPreTrainedModel, GenerationMixin):
         # pixel_values hold images, not samples: repeat each sample's images as a block (num_return_sequences).
         pixel_values = model_kwargs.pop("pixel_values", None)
         if pixel_values is not None and expand_size > 1:
-            from ..generation.cache import expand_pixel_values
+            from .cache import expand_pixel_values
 
             pixel_values = expand_pixel_values(input_ids, pixel_values, expand_size, self.config.image_token_id,
                                                self.config.image_seq_length)

@@ -1,4 +1,4 @@
-"""Per-forward Wings state: which tokens feed each learner, their true positions, and the learner cache.
+"""`build_state` and the dynamic learner cache: which tokens feed each learner, and what decoding keeps of them.
 
 The model builds one `WingsState` per forward and passes it down to every wrapped attention through the
 decoder's `**kwargs`. With a KV cache, the learners' projected keys and the per-key metadata the router needs
@@ -10,35 +10,24 @@ A static (pre-allocated) cache gets a `StaticLearnerCache` instead (static_state
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 import torch
 
 from .buffers import ColumnBuffer, TransposedColumnBuffer
-from .grouped import TokenGrouping, token_grouping, visible_prefixes
+from .forward_state import TokenSet, WingsState, gather_tokens, token_segments, token_set
+from .grouped import token_grouping, visible_prefixes
 from .kernels import WingsKernels
-from .learner import LearnerKeys, autocast_input, head_broadcast
-from .router import SEG_IMAGE, SEG_PAD, SEG_TEXT_AFTER, SEG_TEXT_BEFORE, check_router_width, segment_values
+from .learner import LearnerKeys
+from .router import SEG_IMAGE, check_router_width
+from .static_state import StaticLearnerCache, is_static_cache
 
 if TYPE_CHECKING:
     from transformers import Cache
 
-    from .static_state import StaticLearnerCache
-
 METADATA = ("key_positions", "key_segments", "key_valid")
-
-
-@dataclass
-class TokenSet:
-    """A compact gather of some tokens of each sample: features, true positions, RoPE, validity."""
-
-    feats: torch.Tensor  # [B, N, d]
-    positions: torch.Tensor  # [B, N]
-    valid: torch.Tensor  # [B, N]
-    cos: torch.Tensor  # [B, 1, N, hd] (broadcast over heads)
-    sin: torch.Tensor  # [B, 1, N, hd]
-    index: torch.Tensor | None = None  # [B, N] the column of each token in this forward (padding: any column)
+__all__ = ["LearnerCache", "TokenSet", "WingsState", "build_state", "gather_tokens", "learner_cache_of",
+           "token_segments", "token_set"]
 
 
 class LearnerCache:
@@ -50,6 +39,8 @@ class LearnerCache:
     entry, "segment", for segment routers); `seen_image` [B]. Columns grow in place with spare capacity
     (`ColumnBuffer`).
     """
+
+    preallocated = False  # (WingsState dispatches on it; StaticLearnerCache is the pre-allocated kind)
 
     def __init__(self):
         self.kv: dict[tuple[int, str], tuple[ColumnBuffer, ColumnBuffer]] = {}
@@ -137,121 +128,14 @@ class LearnerCache:
             self.seen_image = self.seen_image[index]
 
     def truncate(self, length: int) -> None:
-        """Forget the metadata and router values of KV columns >= length (the learner keys: generation/cache.py)."""
+        """Forget the metadata and router values of KV columns >= length (the learner keys: cache.py)."""
         for buffer in self.columns.values():
             buffer.truncate(length)
         self.seen_image = ((self.key_segments == SEG_IMAGE) & self.key_valid).any(dim=1)
 
 
-@dataclass
-class WingsState:
-    query_positions: torch.Tensor  # [B, T] true positions of this forward's tokens
-    key_positions: torch.Tensor  # [B, S] all keys of the main attention (cache included)
-    key_segments: torch.Tensor  # [B, S] SEG_* ids
-    key_valid: torch.Tensor  # [B, S]
-    has_image: torch.Tensor  # [B] bool
-    visual_tokens: TokenSet | None
-    textual_tokens: TokenSet | None
-    cache: LearnerCache | StaticLearnerCache | None = None
-    router_impl: str = "sdpa"
-    record: dict[int, torch.Tensor] | None = None  # layer -> router weights, when analysis asks
-    compat_official: dict | None = None  # official-compat extras (see compat.py)
-    kernels: WingsKernels = field(default_factory=WingsKernels)
-    new_segments: torch.Tensor | None = None  # [B, T] SEG_* ids of this forward's tokens
-    query_valid: torch.Tensor | None = None  # [B, T] bool: this forward's real (non-padding) tokens
-    memo: dict = field(default_factory=dict)  # per-forward tensors every layer shares (masks)
-    grouping: TokenGrouping | None = None  # the tokens grouped by kind, when the learners attend grouped
-    # Known on the host (from build_state's one sync): no padding query in this forward, every sample has an image.
-    # They spare each layer a masking op; False is always correct.
-    all_queries_valid: bool = False
-    all_have_image: bool = False
-
-    def plain_causal(self) -> bool:
-        """Right padding (or none) without earlier tokens: valid tokens form a prefix at positions 0..n-1, so for
-        every valid query the plain causal mask hides exactly the padding keys too (they come after it). Only the
-        reference router pass asks (a host sync, so not on the default path)."""
-        if "plain_causal" not in self.memo:
-            positions, valid = self.query_positions, self.query_valid
-            T = positions.shape[1]
-            arange = torch.arange(T, device=positions.device)
-            self.memo["plain_causal"] = (
-                self.key_positions.shape[1] == T
-                and bool((valid == (arange[None] < valid.sum(1, keepdim=True))).all())
-                and bool((positions == arange[None])[valid].all())
-            )
-        return self.memo["plain_causal"]
-
-    def learner_keys(self, layer_idx: int, kind: str, learner) -> LearnerKeys | None:
-        """This layer's keys for `kind`: cached ones plus the projection of this forward's new tokens."""
-        if self.cache is not None and not isinstance(self.cache, LearnerCache):  # static (pre-allocated)
-            return self.cache.learner_keys(self, layer_idx, kind, learner)
-        tokens = self.visual_tokens if kind == "visual" else self.textual_tokens
-        new = None
-        if tokens is not None and tokens.feats.shape[1] > 0:
-            new = learner.project_keys(tokens.feats, tokens.positions, tokens.valid, tokens.cos, tokens.sin,
-                                       fused_lowrank=self.kernels.fused_lowrank)
-        if self.cache is None:
-            return new
-        return self.cache.learner_keys(layer_idx, kind, new, self.memo)
-
-    def router_values(self, layer_idx: int, router) -> torch.Tensor:
-        """[B, S, C] the router's per-key values for every key of the main attention (cache included)."""
-        dtype = router.linear.weight.dtype
-        shared = router.router_type == "segment"  # indicators: the same in every layer
-        if self.cache is None:
-            if shared:
-                if "segment_values" not in self.memo:
-                    self.memo["segment_values"] = segment_values(self.key_segments, dtype)
-                return self.memo["segment_values"]
-            return router.value_matrix(self.key_positions, self.key_segments, dtype)
-        # With a cache only this forward's tokens get new values (the position router's are weight columns: a
-        # cache is an inference object, so the weights do not change while it lives).
-        name = "segment" if shared else str(layer_idx)
-        rows = lambda: router.value_matrix(self.query_positions, self.new_segments, dtype)  # noqa: E731
-        if not isinstance(self.cache, LearnerCache):  # static (pre-allocated)
-            return self.cache.router_values(self, name, rows)
-        return self.cache.router_values(name, rows)
-
-
-def gather_tokens(x: torch.Tensor, keep: torch.Tensor, positions: torch.Tensor,
-                  n: int | None = None) -> tuple[torch.Tensor, ...]:
-    """Compact the tokens where `keep` [B, S] is True, in order. Returns feats [B,N,d], positions, valid and the
-    index [B, N] of each. `n`: the largest count of kept tokens in a row, when the caller already knows it."""
-    counts = keep.sum(dim=1)
-    if n is None:
-        n = int(counts.max()) if keep.numel() else 0
-    order = torch.sort((~keep).to(torch.int8), dim=1, stable=True).indices[:, :n]  # kept indices first
-    feats = x.gather(1, order[..., None].expand(-1, -1, x.shape[-1]))
-    valid = torch.arange(n, device=x.device)[None, :] < counts[:, None]
-    return feats, positions.gather(1, order), valid, order
-
-
-def token_set(x: torch.Tensor, keep: torch.Tensor, positions: torch.Tensor, rotary_emb,
-              n: int | None = None) -> TokenSet:
-    """The learner key features where `keep` is True, with RoPE tables at their true positions. Under autocast
-    the features are cast here, once per forward, rather than in every layer's key projection."""
-    if keep.shape[1] == 1:  # one token per sample (decoding): nothing to compact, `keep` is the validity
-        feats, pos, ok, index = x, positions, keep, torch.zeros_like(positions)
-    else:
-        feats, pos, ok, index = gather_tokens(x, keep, positions, n)
-    cos, sin = head_broadcast(*rotary_emb(feats, pos))
-    return TokenSet(autocast_input(feats), pos, ok, cos, sin, index)
-
-
-def token_segments(is_image: torch.Tensor, valid: torch.Tensor, seen_image: torch.Tensor | None) -> torch.Tensor:
-    """SEG_* id of each token: padding, image, text before any image, text after an image."""
-    before = is_image.cumsum(dim=1) == 0
-    if seen_image is not None:
-        before = before & ~seen_image[:, None]
-    seg = torch.where(before, SEG_TEXT_BEFORE, SEG_TEXT_AFTER)
-    seg = torch.where(is_image, SEG_IMAGE, seg)
-    return torch.where(valid, seg, SEG_PAD)
-
-
 def learner_cache_of(cache_obj: Cache) -> LearnerCache | StaticLearnerCache:
     """The learner cache riding on an HF cache object: created (dynamic or static) at the first forward."""
-    from .static_state import StaticLearnerCache, is_static_cache
-
     cache = getattr(cache_obj, "wings_cache", None)
     fresh = cache is None or (not isinstance(cache, StaticLearnerCache) and cache_obj.get_seq_length() == 0)
     if fresh:
@@ -270,15 +154,18 @@ def build_state(
     router_impl: str = "sdpa",
     kernels: WingsKernels | None = None,
     router_width: int | None = None,
+    rope_ids: torch.Tensor | None = None,
 ) -> WingsState:
     """Gather learner features from the spliced layer-0 embeddings and set up positions, segments and cache.
+    `position_ids` [B, T]: the tokens' true order (masks, caches, the position router). `rope_ids`: their rotary
+    ids when those differ from `position_ids` (M-RoPE: [3, B, T]; see `token_set`), None otherwise.
     `router_width`: the position router's column count (positions beyond it are refused), None otherwise."""
     kernels = kernels or WingsKernels()
     valid = attention_mask[:, -is_image.shape[1]:].bool()  # this forward's tokens
     cache = learner_cache_of(cache_obj) if cache_obj is not None else None
-    if cache is not None and not isinstance(cache, LearnerCache):  # pre-allocated: no gathers, no growth
+    if cache is not None and cache.preallocated:  # no gathers, no growth
         return cache.build_state(inputs_embeds, is_image, valid, position_ids, rotary_emb, router_impl, kernels,
-                                 router_width)
+                                 router_width, rope_ids)
     if router_width is not None:  # earlier tokens were checked by earlier forwards
         check_router_width(router_width, position_ids)
     seen = cache.seen_image if cache is not None else None
@@ -292,8 +179,8 @@ def build_state(
     # One host sync for the counts and flags (a compiled forward breaks its graph here, before the decoder).
     n_visual, n_textual, all_valid, all_images, *visible = torch.stack(
         counts + (visible_prefixes(visual_keep, textual_keep) if grouped else [])).tolist()
-    visual = token_set(inputs_embeds, visual_keep, position_ids, rotary_emb, n_visual) if n_visual else None
-    textual = token_set(inputs_embeds, textual_keep, position_ids, rotary_emb, n_textual) if n_textual else None
+    visual, textual = (token_set(inputs_embeds, keep, position_ids, rotary_emb, n, rope_ids) if n else None
+                       for keep, n in ((visual_keep, n_visual), (textual_keep, n_textual)))
     grouping = None
     if grouped and (visual is not None or textual is not None):
         grouping = token_grouping(visual, textual, valid, dict(zip(("visual", "textual"), visible, strict=True)))

@@ -17,17 +17,14 @@ this one is for compiled decoding.
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import TYPE_CHECKING
 
 import torch
 from transformers import Cache, StaticCache
 
+from .forward_state import TokenSet, WingsState, token_segments
 from .kernels import WingsKernels
 from .learner import LearnerKeys, LoRRALearner, autocast_input, head_broadcast
 from .router import SEG_IMAGE, SEG_TEXT_AFTER, SEG_TEXT_BEFORE, check_router_width
-
-if TYPE_CHECKING:
-    from .state import WingsState
 
 KIND_SEGMENTS = {"visual": (SEG_IMAGE,), "textual": (SEG_TEXT_BEFORE, SEG_TEXT_AFTER)}
 
@@ -38,6 +35,8 @@ def is_static_cache(cache_obj: Cache) -> bool:
 
 class StaticLearnerCache:
     """Pre-allocated learner cache aligned with a `StaticCache`'s columns (see the module docstring)."""
+
+    preallocated = True
 
     def __init__(self, cache_obj: StaticCache):
         layers = getattr(cache_obj, "layers", [])
@@ -63,9 +62,7 @@ class StaticLearnerCache:
 
     def build_state(self, inputs_embeds: torch.Tensor, is_image: torch.Tensor, valid: torch.Tensor,
                     position_ids: torch.Tensor, rotary_emb, router_impl: str, kernels: WingsKernels,
-                    router_width: int | None) -> WingsState:
-        from .state import TokenSet, WingsState, token_segments
-
+                    router_width: int | None, rope_ids: torch.Tensor | None = None) -> WingsState:
         B, T = is_image.shape
         if not self.allocated:
             self.allocate(B, inputs_embeds.device)
@@ -78,7 +75,7 @@ class StaticLearnerCache:
         self.valid.index_copy_(1, columns, valid)
         self.seen_image.logical_or_(is_image.any(dim=1))
         self.length.add_(T)
-        cos, sin = head_broadcast(*rotary_emb(inputs_embeds, position_ids))
+        cos, sin = head_broadcast(*rotary_emb(inputs_embeds, position_ids if rope_ids is None else rope_ids))
         feats = autocast_input(inputs_embeds)
         tokens = {kind: TokenSet(feats, position_ids, valid & _in_segments(segments, kind), cos, sin)
                   for kind in KIND_SEGMENTS}

@@ -18,9 +18,9 @@ import torch
 from transformers import DynamicCache, StaticCache
 from transformers.cache_utils import DynamicLayer
 
-from ..modeling.buffers import ColumnBuffer
-from ..modeling.state import LearnerCache
-from ..modeling.static_state import StaticLearnerCache
+from .buffers import ColumnBuffer
+from .state import LearnerCache
+from .static_state import StaticLearnerCache
 
 KV_GROWTH = 1.25  # spare capacity of a growing layer: the KV cache is the largest inference tensor
 
