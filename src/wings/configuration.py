@@ -13,6 +13,7 @@ Compat = Literal["none", "official"]
 ROUTER_IMPLS = ("sdpa", "eager")
 FEATURE_SELECT = ("default", "full")
 COMPAT_MODES = ("none", "official")
+ROUTER_MODES = ("learned", "fixed", "modality")
 
 
 class WingsConfig(PreTrainedConfig):
@@ -35,6 +36,12 @@ class WingsConfig(PreTrainedConfig):
         router_type: "position" (Linear over absolute key positions, the released model's) or "segment"
             (Linear over the attention mass on image / pre-image text / post-image text keys, layout-free).
         router_max_positions: width of the position router; None = the LLM's `max_position_embeddings`.
+        router_mode: how the per-token (visual, textual) weights are obtained. "learned" (the paper's and the
+            default): the router's `softmax(SiLU(Linear(z)) / router_temperature)`; "fixed": exactly 0.5 / 0.5 at
+            every token; "modality": exactly 1 / 0 on every token of a sample that carries an image and 0 / 1 on
+            a text-only sample (no learned routing). The two ablation modes keep the router's weights (so a
+            checkpoint loads in any mode) but never read them.
+        router_temperature: softmax temperature of the learned router (1.0 = the paper's); below 1 sharpens it.
         router_impl: "sdpa" computes the router input with one extra SDPA call (O(T) memory); "eager"
             materialises the attention probabilities (the reference path used in tests).
         compat: "none" (corrected semantics) or "official" (reproduces the released checkpoint's inference).
@@ -62,6 +69,8 @@ class WingsConfig(PreTrainedConfig):
     use_router: bool = True
     router_type: str = "position"
     router_max_positions: int | None = None
+    router_mode: str = "learned"
+    router_temperature: float = 1.0
     router_impl: str = "sdpa"
     compat: str = "none"
     system_prompt_length: int = 0
@@ -80,6 +89,12 @@ class WingsConfig(PreTrainedConfig):
             raise ValueError(f"WingsConfig.mode must be 'wings' or 'llava', got {self.mode!r}")
         if self.router_type not in ("position", "segment"):
             raise ValueError(f"WingsConfig.router_type must be 'position' or 'segment', got {self.router_type!r}")
+        if self.router_mode not in ROUTER_MODES:
+            raise ValueError(f"WingsConfig.router_mode must be one of {ROUTER_MODES}, got {self.router_mode!r}")
+        temperature = self.router_temperature
+        if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not (
+                0.0 < temperature < float("inf")):
+            raise ValueError(f"WingsConfig.router_temperature must be a positive number, got {temperature!r}")
         if self.router_impl not in ROUTER_IMPLS:
             raise ValueError(f"WingsConfig.router_impl must be one of {ROUTER_IMPLS}, got {self.router_impl!r}")
         if self.compat not in COMPAT_MODES:

@@ -144,7 +144,10 @@ def learner_delta(attn: nn.Module, hidden: torch.Tensor, state: WingsState, quer
                 f"layer {layer_idx}: the router got no attention summary; the attention kernel did not run "
                 "through the Wings dispatcher (was the attention module's config replaced after injection?)"
             )
-        weights = router(probe.summary)  # [B, T, 2]
+        weights = router(probe.summary, state.has_image)  # [B, T, 2]
+        if router.mode != "learned" and attn.training:  # the ablation modes read no router weight
+            anchor = router.anchor()
+            anchors += [] if anchor is None else [anchor]
         if state.record is not None:
             state.record[layer_idx] = weights.detach()
         if state.compat_official is not None:  # the released model's double add (compat.py)

@@ -62,6 +62,8 @@ def inject_learners(llm: nn.Module, wings_config) -> list[nn.Module]:
         for part in WINGS_PARTS:
             if hasattr(attn, part):
                 getattr(attn, part).to(device=ref.device, dtype=ref.dtype)
+        if hasattr(attn, "router"):
+            attn.router.wings_config = wings_config  # it reads router_mode / router_temperature from here
         layer._wings_hook = layer.register_forward_pre_hook(_pass_residual, with_kwargs=True)
         attached.append(attn)
     return attached

@@ -38,12 +38,27 @@ MAX_FUSED_HEAD_DIM = 256  # the largest head size the fused SDPA kernels take
 
 
 class WingsRouter(nn.Module):
-    """`softmax(SiLU(Linear(z)))` -> [B, T, 2] weights for (visual, textual) learners."""
+    """`softmax(SiLU(Linear(z)) / temperature)` -> [B, T, 2] weights for (visual, textual) learners.
+
+    `router_mode` and `router_temperature` are read from the model's `WingsConfig` at every forward (bound by
+    `bind_router_config`), so a saved model behaves as its config.json says and a config change takes effect at
+    once. Unbound (a router built on its own), it is the paper's learned router at temperature 1. The "fixed"
+    and "modality" modes are ablations: exact constant weights, the Linear kept but never read.
+    """
 
     def __init__(self, router_type: str, width: int):
         super().__init__()
         self.router_type = router_type
         self.linear = nn.Linear(width, 2)
+        self.wings_config = None  # a plain reference (not a submodule, not saved with the weights)
+
+    @property
+    def mode(self) -> str:
+        return getattr(self.wings_config, "router_mode", "learned")
+
+    @property
+    def temperature(self) -> float:
+        return float(getattr(self.wings_config, "router_temperature", 1.0))
 
     def value_matrix(self, key_positions: torch.Tensor, key_segments: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         """Per-key values U [B, S, C] such that `sum_h P_h @ U` is the router's pre-bias input."""
@@ -51,13 +66,40 @@ class WingsRouter(nn.Module):
             return segment_values(key_segments, dtype)
         return F.embedding(key_positions, self.linear.weight.t()).to(dtype)  # [B, S, 2]
 
-    def forward(self, summary: torch.Tensor) -> torch.Tensor:
-        """summary: [B, T, C] = sum_h P_h @ U -> weights [B, T, 2]."""
+    def forward(self, summary: torch.Tensor, has_image: torch.Tensor | None = None) -> torch.Tensor:
+        """summary: [B, T, C] = sum_h P_h @ U -> weights [B, T, 2]. `has_image` [B] bool: which samples carry an
+        image (needed by the modality mode only)."""
+        mode = self.mode
+        if mode == "fixed":
+            return summary.new_full((*summary.shape[:-1], 2), 0.5)
+        if mode == "modality":
+            if has_image is None:
+                raise ValueError("router_mode='modality' needs to know which samples carry an image (has_image)")
+            w_v = has_image.to(summary.dtype)[:, None, None].expand(*summary.shape[:-1], 1)
+            return torch.cat([w_v, 1.0 - w_v], dim=-1)
         if self.router_type == "segment":
             logits = self.linear(summary)
         else:  # the Linear's weight is already folded into U
             logits = summary + self.linear.bias
-        return torch.softmax(F.silu(logits.float()), dim=-1).to(summary.dtype)
+        logits = F.silu(logits.float())
+        temperature = self.temperature
+        if temperature != 1.0:
+            logits = logits / temperature
+        return torch.softmax(logits, dim=-1).to(summary.dtype)
+
+    def anchor(self) -> torch.Tensor | None:
+        """A zero that depends on every trainable router weight: the fixed and modality modes never read them, and
+        DDP / ZeRO expect every trainable parameter to get a gradient each step. None when nothing trains."""
+        params = [p for p in self.parameters() if p.requires_grad]
+        return sum(p.sum() for p in params) * 0.0 if params else None
+
+
+def bind_router_config(model: nn.Module, config) -> int:
+    """Point every `WingsRouter` under `model` at `config` (its router_mode / router_temperature); returns how many."""
+    routers = [m for m in model.modules() if isinstance(m, WingsRouter)]
+    for router in routers:
+        router.wings_config = config
+    return len(routers)
 
 
 def segment_values(key_segments: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

@@ -21,6 +21,7 @@ from transformers import AutoProcessor, TrainingArguments, set_seed
 from .config import TrainConfig, dump_config
 from .engines import engine_arguments, init_restarted_process_group, prepare_engine
 from .preflight import plan_run, start_run
+from .router_diagnostics import router_callbacks
 from .stages import merge_lora, prepare_model, stage_learning_rates
 from .trainer import LossRecorder, WingsTrainer, checkpoints, save_final_atomic
 
@@ -139,7 +140,8 @@ def train(config: TrainConfig, train_dataset=None, data_collator=None, callbacks
     recorder = LossRecorder()
     trainer = WingsTrainer(
         model=model, args=training_arguments(config), train_dataset=train_dataset, data_collator=data_collator,
-        processing_class=processor, callbacks=[recorder, *(callbacks or [])], group_lrs=lrs, group_weight_decays=wds,
+        processing_class=processor, callbacks=[recorder, *router_callbacks(model), *(callbacks or [])], group_lrs=lrs,
+        group_weight_decays=wds,
         group_by_modality=config.data.group_by_modality,
     )
     engine = prepare_engine(config, trainer, train_dataset)
