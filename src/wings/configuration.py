@@ -87,16 +87,7 @@ class WingsConfig(PreTrainedConfig):
         """Raise ValueError naming the field for any value the model cannot honour."""
         if self.mode not in ("wings", "llava"):
             raise ValueError(f"WingsConfig.mode must be 'wings' or 'llava', got {self.mode!r}")
-        if self.router_type not in ("position", "segment"):
-            raise ValueError(f"WingsConfig.router_type must be 'position' or 'segment', got {self.router_type!r}")
-        if self.router_mode not in ROUTER_MODES:
-            raise ValueError(f"WingsConfig.router_mode must be one of {ROUTER_MODES}, got {self.router_mode!r}")
-        temperature = self.router_temperature
-        if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not (
-                0.0 < temperature < float("inf")):
-            raise ValueError(f"WingsConfig.router_temperature must be a positive number, got {temperature!r}")
-        if self.router_impl not in ROUTER_IMPLS:
-            raise ValueError(f"WingsConfig.router_impl must be one of {ROUTER_IMPLS}, got {self.router_impl!r}")
+        check_learner_fields(self, self.text_config.num_hidden_layers, "WingsConfig")
         if self.compat not in COMPAT_MODES:
             raise ValueError(f"WingsConfig.compat must be one of {COMPAT_MODES}, got {self.compat!r}")
         if self.vision_feature_select_strategy not in FEATURE_SELECT:
@@ -104,28 +95,57 @@ class WingsConfig(PreTrainedConfig):
                 f"WingsConfig.vision_feature_select_strategy must be one of {FEATURE_SELECT}, "
                 f"got {self.vision_feature_select_strategy!r}"
             )
-        if self.learner_rank < 1:
-            raise ValueError(f"WingsConfig.learner_rank must be >= 1, got {self.learner_rank}")
-        n_layers = self.text_config.num_hidden_layers
-        for idx in self.learner_layers or []:
-            if not 0 <= idx < n_layers:
-                raise ValueError(f"WingsConfig.learner_layers has {idx}, but the LLM has {n_layers} layers")
 
     @property
     def learner_layer_indices(self) -> list[int]:
         if self.mode != "wings":
             return []
-        return sorted(self.learner_layers) if self.learner_layers is not None else list(
-            range(self.text_config.num_hidden_layers)
-        )
+        return layer_indices(self.learner_layers, self.text_config.num_hidden_layers)
 
     @property
     def router_width(self) -> int:
-        if self.router_type == "segment":
-            return 3  # image / text before the first image / text after an image
-        if self.router_max_positions is not None:
-            return self.router_max_positions
-        return self.text_config.max_position_embeddings
+        return router_width(self.router_type, self.router_max_positions, self.text_config)
+
+
+# The learner and router fields are shared by `WingsConfig` and the settings of Wings attached to a stock VLM
+# (wings.vlm.settings): one set of checks and derived values for both.
+
+
+def check_learner_fields(fields, n_layers: int, owner: str) -> None:
+    """Raise ValueError naming `owner.field` for a learner/router field value the model cannot honour."""
+    if fields.router_type not in ("position", "segment"):
+        raise ValueError(f"{owner}.router_type must be 'position' or 'segment', got {fields.router_type!r}")
+    if fields.router_mode not in ROUTER_MODES:
+        raise ValueError(f"{owner}.router_mode must be one of {ROUTER_MODES}, got {fields.router_mode!r}")
+    temperature = fields.router_temperature
+    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not (
+            0.0 < temperature < float("inf")):
+        raise ValueError(f"{owner}.router_temperature must be a positive number, got {temperature!r}")
+    if fields.router_impl not in ROUTER_IMPLS:
+        raise ValueError(f"{owner}.router_impl must be one of {ROUTER_IMPLS}, got {fields.router_impl!r}")
+    rank = fields.learner_rank
+    if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
+        raise ValueError(f"{owner}.learner_rank must be an integer >= 1, got {rank!r}")
+    for idx in fields.learner_layers or []:
+        if isinstance(idx, bool) or not isinstance(idx, int) or not 0 <= idx < n_layers:
+            raise ValueError(f"{owner}.learner_layers has {idx!r}, but the LLM has layers 0..{n_layers - 1}")
+    width = fields.router_max_positions
+    if width is not None and (isinstance(width, bool) or not isinstance(width, int) or width < 1):
+        raise ValueError(f"{owner}.router_max_positions must be a positive integer or None, got {width!r}")
+
+
+def layer_indices(learner_layers: list[int] | None, n_layers: int) -> list[int]:
+    """The decoder layers that carry learners: the listed ones, or every layer."""
+    return sorted(learner_layers) if learner_layers is not None else list(range(n_layers))
+
+
+def router_width(router_type: str, max_positions: int | None, text_config: PreTrainedConfig) -> int:
+    """Input width of the router's Linear: 3 segments, or one column per position the model can see."""
+    if router_type == "segment":
+        return 3  # image / text before the first image / text after an image
+    if max_positions is not None:
+        return max_positions
+    return text_config.max_position_embeddings
 
 
 def has_cls_token(vision_config: PreTrainedConfig) -> bool:
