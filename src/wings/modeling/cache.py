@@ -176,18 +176,9 @@ def upgrade_cache(cache) -> None:
 
 
 def prepare_generation_cache(model, base_prepare, generation_config, model_kwargs: dict, *args, **kwargs) -> None:
-    """`_prepare_cache_for_generation` for Wings models: learner-aware caches, and none in official compat mode.
-
-    Also keeps `<image>` out of the output: a generated placeholder has no image to fill it and would break the
-    next step (`generation_config` is a per-call copy, the model's own is untouched).
-    """
-    image_token = model.config.image_token_id
-    generation_config.suppress_tokens = sorted({*(generation_config.suppress_tokens or []), image_token})
-    if generation_config.prompt_lookup_num_tokens and model_kwargs.get("pixel_values") is not None:
-        raise ValueError(
-            "prompt-lookup decoding copies prompt tokens as draft tokens, image placeholders included, which have "
-            "no image to fill them; use it with text-only prompts"
-        )
+    """`_prepare_cache_for_generation` for Wings models: learner-aware caches, and none in official compat mode."""
+    has_images = model_kwargs.get("pixel_values") is not None
+    keep_placeholders_out(generation_config, [model.config.image_token_id], has_images)
     if model.config.compat == "official":
         if model_kwargs.get("cache") is not None:
             raise ValueError(
@@ -197,6 +188,22 @@ def prepare_generation_cache(model, base_prepare, generation_config, model_kwarg
         generation_config.use_cache = False
         return
     base_prepare(generation_config, model_kwargs, *args, **kwargs)
+    learner_aware_cache(generation_config, model_kwargs)
+
+
+def keep_placeholders_out(generation_config, placeholder_ids: list[int], has_images: bool) -> None:
+    """Never generate an image placeholder: it has no image to fill it and would break the next step
+    (`generation_config` is a per-call copy, the model's own is untouched)."""
+    generation_config.suppress_tokens = sorted({*(generation_config.suppress_tokens or []), *placeholder_ids})
+    if generation_config.prompt_lookup_num_tokens and has_images:
+        raise ValueError(
+            "prompt-lookup decoding copies prompt tokens as draft tokens, image placeholders included, which have "
+            "no image to fill them; use it with text-only prompts"
+        )
+
+
+def learner_aware_cache(generation_config, model_kwargs: dict) -> None:
+    """Upgrade the cache `generate` prepared so beams, batch selection and crops reach the learner cache too."""
     cache = model_kwargs.get("cache")
     if cache is None:
         return

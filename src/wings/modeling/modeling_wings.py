@@ -28,7 +28,26 @@ if TYPE_CHECKING:
 SUPPORTED_VISION = ("siglip_vision_model", "clip_vision_model")
 
 
-class WingsPreTrainedModel(PreTrainedModel):
+class LearnerInitMixin:
+    """Weight initialisation for a `PreTrainedModel` that carries Wings learners: zero-init learners (B = 0) whether
+    the model is built from a config or loaded (learners missing from the checkpoint start fresh)."""
+
+    def _init_weights(self, module: nn.Module) -> None:
+        if isinstance(module, LowRankLinear):
+            module.reset_parameters()
+        else:
+            super()._init_weights(module)
+
+    def initialize_weights(self) -> None:
+        # HF dispatches the LLM's `_init_weights` to everything under the language model, learners included;
+        # give the learners their zero-init first (skipping weights a checkpoint just loaded), then flag them.
+        for module in self.modules():
+            if isinstance(module, LowRankLinear):
+                module.reset_parameters()
+        super().initialize_weights()
+
+
+class WingsPreTrainedModel(LearnerInitMixin, PreTrainedModel):
     config_class = WingsConfig
     config: WingsConfig
     base_model_prefix = "wings"
@@ -42,14 +61,6 @@ class WingsPreTrainedModel(PreTrainedModel):
         # Sub-models initialise themselves in from_config; only our own parts need it here.
         if isinstance(module, LowRankLinear):
             module.reset_parameters()
-
-    def initialize_weights(self) -> None:
-        # HF dispatches the LLM's `_init_weights` to everything under `language_model`, learners included;
-        # give the learners their zero-init first (skipping weights a checkpoint just loaded), then flag them.
-        for module in self.modules():
-            if isinstance(module, LowRankLinear):
-                module.reset_parameters()
-        super().initialize_weights()
 
 
 class WingsForConditionalGeneration(WingsPreTrainedModel, GenerationMixin):
