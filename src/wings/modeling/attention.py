@@ -104,6 +104,14 @@ def _make_probe(attn: nn.Module, state: WingsState) -> RouterProbe | None:
     router = getattr(attn, "router", None)
     if router is None:
         return None
+    if (not state.any_image and state.record is None and state.compat_official is None
+            and not (attn.training and torch.is_grad_enabled())):
+        # No sample has an image: every token keeps the textual learner at full weight whatever the router says,
+        # so the main attention runs as the stock kernel (exactly the base model's numbers, and cheaper). With a
+        # cache the router's per-key values still grow with the keys, for a later forward that needs them.
+        if state.cache is not None:
+            state.router_values(attn.wings_layer_idx, router)
+        return None
 
     def mask_fn() -> torch.Tensor:  # the reference paths' mask, shared by every layer of this forward
         if "probe_mask" not in state.memo:

@@ -58,6 +58,7 @@ class WingsState:
     # They spare each layer a masking op; False is always correct.
     all_queries_valid: bool = False
     all_have_image: bool = False
+    any_image: bool = True  # some sample of the batch has an image (this forward's or a cached one); True is safe
 
     def plain_causal(self) -> bool:
         """Right padding (or none) without earlier tokens: valid tokens form a prefix at positions 0..n-1, so for

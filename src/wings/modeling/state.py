@@ -175,9 +175,9 @@ def build_state(
     # Grouped learner attention (grouped.py) needs every key to be one of this forward's tokens.
     grouped = kernels.grouped_learners and is_image.shape[1] > 1 and (cache is None or cache.length == 0)
     has_image = is_image.any(dim=1) if seen is None else is_image.any(dim=1) | seen
-    counts = [visual_keep.sum(1).max(), textual_keep.sum(1).max(), valid.all(), has_image.all()]
+    counts = [visual_keep.sum(1).max(), textual_keep.sum(1).max(), valid.all(), has_image.all(), has_image.any()]
     # One host sync for the counts and flags (a compiled forward breaks its graph here, before the decoder).
-    n_visual, n_textual, all_valid, all_images, *visible = torch.stack(
+    n_visual, n_textual, all_valid, all_images, any_image, *visible = torch.stack(
         counts + (visible_prefixes(visual_keep, textual_keep) if grouped else [])).tolist()
     visual, textual = (token_set(inputs_embeds, keep, position_ids, rotary_emb, n, rope_ids) if n else None
                        for keep, n in ((visual_keep, n_visual), (textual_keep, n_textual)))
@@ -205,4 +205,5 @@ def build_state(
         grouping=grouping,
         all_queries_valid=bool(all_valid),
         all_have_image=bool(all_images),
+        any_image=bool(any_image),
     )

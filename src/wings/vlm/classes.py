@@ -115,6 +115,9 @@ def register_classes() -> None:
         config_cls, model_cls = wings_config_class(stock_config), wings_model_class(stock_model)
         AutoConfig.register(config_cls.model_type, config_cls, exist_ok=True)
         AutoModelForImageTextToText.register(config_cls, model_cls, exist_ok=True)
-        conversions = get_checkpoint_conversion_mapping(model_type)
-        if conversions is not None:
-            register_checkpoint_conversion_mapping(config_cls.model_type, conversions, overwrite=True)
+        # The stock conversions are found by class name first, then by model type (conversion_mapping.py).
+        for stock_name, wings_name in ((stock_model.__name__, model_cls.__name__),
+                                       (model_type, config_cls.model_type)):
+            conversions = get_checkpoint_conversion_mapping(stock_name)
+            if conversions is not None:
+                register_checkpoint_conversion_mapping(wings_name, conversions, overwrite=True)
