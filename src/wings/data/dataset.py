@@ -22,31 +22,32 @@ import torch
 from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
-from .formatting import build_sample, encode_conversation
+from .formatting import WingsFormatter
 from .records import IMAGE_CHECKS, Record, check_image, iter_raw_records, normalize, record_id
 from .report import BadRecord, SkipReport, log_load_failure, write_json_atomic
 
 
-def scan_file(path: Path, processor, report: SkipReport, image_root: Path | None, max_length: int,
+def scan_file(path: Path, formatter, report: SkipReport, image_root: Path | None,
               system_prompt: str | None, image_check: str, text_only: bool = False,
               progress: bool = True, context_length: int | None = None) -> list[tuple[Record, int, int]]:
     """Check every record of one file; returns (record, token length, images) for the good ones. Records longer
     than `context_length` after truncation (the model's hard limit) are skipped as `over_context`; records cut to
     `max_length` are kept and counted as changed (`truncated`)."""
     root = Path(image_root).expanduser() if image_root is not None else path.parent
+    max_length = formatter.max_length
     kept = []
     for location, raw in tqdm(iter_raw_records(path), desc=f"checking {path.name}", unit=" rec", disable=not progress):
         try:
             record = normalize(raw, location, root, system_prompt)
             if text_only and record.images:
                 raise BadRecord("image_in_text_mix", f"{len(record.images)} images in a text-only mixing file")
-            enc = encode_conversation(record.messages, processor, max_length)
+            for image in record.images:  # (before encoding: a stock VLM's processor decodes them)
+                check_image(image, image_check)
+            enc = formatter.encode(record)
             if context_length is not None and len(enc.input_ids) > context_length:
                 raise BadRecord("over_context", f"{len(enc.input_ids)} tokens (after truncation to max_length="
                                                 f"{max_length}) but the model takes at most {context_length} (its "
                                                 "position router's width); lower data.max_length")
-            for image in record.images[: enc.n_images]:
-                check_image(image, image_check)
         except BadRecord as e:
             report.bad(location, record_id(raw), e)
             continue
@@ -83,17 +84,17 @@ class LlavaDataset(Dataset):
                  max_length: int = 2048, policy: str = "skip", report_path: str | Path | None = None,
                  text_mix_path: str | Path | None = None, text_mix_ratio: float = 0.0, seed: int = 0,
                  system_prompt: str | None = None, image_check: str = "verify", progress: bool = True,
-                 context_length: int | None = None, failure_log: str | Path | None = None):
+                 context_length: int | None = None, failure_log: str | Path | None = None, formatter=None):
         paths = [Path(paths)] if isinstance(paths, (str, Path)) else [Path(p) for p in paths]
         if not paths:
             raise ValueError("build_dataset needs at least one data file")
         if image_check not in IMAGE_CHECKS:
             raise ValueError(f"image_check must be one of {IMAGE_CHECKS}, got {image_check!r}")
         self.processor, self.max_length, self.policy = processor, max_length, policy
+        self.formatter = formatter if formatter is not None else WingsFormatter(processor, max_length)
         report = SkipReport(policy)
-        common = dict(processor=processor, report=report, image_root=image_root, max_length=max_length,
-                      system_prompt=system_prompt, image_check=image_check, progress=progress,
-                      context_length=context_length)
+        common = dict(formatter=self.formatter, report=report, image_root=image_root, system_prompt=system_prompt,
+                      image_check=image_check, progress=progress, context_length=context_length)
         items = [item for path in paths for item in scan_file(path, **common)]
         mix_info = {}
         if text_mix_path is not None or text_mix_ratio:
@@ -131,7 +132,7 @@ class LlavaDataset(Dataset):
         for offset in range(len(self.records)):
             record = self.records[(index + offset) % len(self.records)]
             try:
-                return build_sample(record, self.processor, self.max_length)
+                return self.formatter.sample(record)
             except BadRecord as e:
                 message = f"{record.location} (record id={record.id!r}): {e.reason}: {e.detail}"
                 if self.policy == "error":
@@ -147,7 +148,7 @@ def build_dataset(path: str | Path | Sequence[str | Path], processor, image_root
                   text_mix_path: str | Path | None = None, text_mix_ratio: float = 0.0, seed: int = 0,
                   system_prompt: str | None = None, image_check: str = "verify",
                   progress: bool = True, context_length: int | None = None,
-                  failure_log: str | Path | None = None) -> LlavaDataset:
+                  failure_log: str | Path | None = None, formatter=None) -> LlavaDataset:
     """LLaVA-format training data as a torch Dataset.
 
     Args:
@@ -165,8 +166,10 @@ def build_dataset(path: str | Path | Sequence[str | Path], processor, image_root
         context_length: the model's hard length limit (a position router's width); longer records are skipped at
             scan time (`over_context`) instead of failing mid-run.
         failure_log: JSONL file that records failing to load after the scan are appended to (see `__getitem__`).
+        formatter: how records become samples; None = `WingsFormatter(processor, max_length)` (a Wings model's
+            processor); a stock VLM's: `wings.vlm.data.VLMFormatter`.
     """
     return LlavaDataset(path, processor, image_root=image_root, max_length=max_length, policy=policy,
                         report_path=report_path, text_mix_path=text_mix_path, text_mix_ratio=text_mix_ratio,
                         seed=seed, system_prompt=system_prompt, image_check=image_check, progress=progress,
-                        context_length=context_length, failure_log=failure_log)
+                        context_length=context_length, failure_log=failure_log, formatter=formatter)

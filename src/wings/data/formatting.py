@@ -98,3 +98,18 @@ def build_sample(record: Record, processor, max_length: int) -> dict[str, torch.
         images = [load_image(p) for p in record.images[: enc.n_images]]
         sample["pixel_values"] = processor.preprocess_images(images)
     return sample
+
+
+@dataclass(frozen=True)
+class WingsFormatter:
+    """Records -> samples for a `WingsProcessor` model (the scan's `encode`, the dataset's `sample`); stock VLMs
+    have their own (`wings.vlm.data.VLMFormatter`), with the same two methods."""
+
+    processor: object
+    max_length: int
+
+    def encode(self, record: Record) -> Encoded:
+        return encode_conversation(record.messages, self.processor, self.max_length)
+
+    def sample(self, record: Record) -> dict[str, torch.Tensor]:
+        return build_sample(record, self.processor, self.max_length)

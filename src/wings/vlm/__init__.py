@@ -5,7 +5,7 @@ Importing this package (as `import wings` does) registers the Wings classes of e
 """
 
 from .adapter import from_adapter, load_adapter, read_adapter_config, save_adapter, wings_state_dict
-from .attach import add_stage2_parts, attach, detach
+from .attach import add_stage2_parts, attach, attach_settings, detach
 from .classes import is_attached, register_classes
 from .processor import load_processor, save_processor
 from .registry import ARCHS, UnsupportedVLM, VLMArch, arch_for, supported_types
@@ -21,6 +21,7 @@ __all__ = [
     "add_stage2_parts",
     "arch_for",
     "attach",
+    "attach_settings",
     "detach",
     "from_adapter",
     "is_attached",

@@ -18,7 +18,7 @@ from torch import nn
 
 from ..atomic import atomic_dir
 from ..paths import read_json, require_dir
-from .attach import attach
+from .attach import attach_settings
 from .classes import is_attached
 from .registry import arch_for, base_model_type
 from .settings import WingsSettings
@@ -93,10 +93,7 @@ def load_adapter(model: nn.Module, adapter_dir: str | Path) -> nn.Module:
         tensors = load_file(str(weights))
     except (SafetensorError, OSError) as err:
         raise ValueError(f"{weights}: cannot read the adapter weights ({' '.join(str(err).split())})") from None
-    settings = WingsSettings.from_dict(meta["wings"])
-    fields = settings.to_dict()
-    attach(model, rank=fields.pop("learner_rank"), router=fields.pop("router_type"),
-           layers=fields.pop("learner_layers"), stage=2, **fields)
+    attach_settings(model, WingsSettings.from_dict(meta["wings"]))
     params = wings_state_dict(model)
     missing, unexpected = sorted(set(params) - set(tensors)), sorted(set(tensors) - set(params))
     if missing or unexpected:

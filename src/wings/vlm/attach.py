@@ -33,6 +33,12 @@ def attach(model: nn.Module, rank: int = 64, router: str = "segment", layers: li
 
     Fresh learners output exactly zero, so the model's outputs are unchanged until they are trained.
     """
+    spec = WingsSettings.for_stage(stage, learner_rank=rank, router_type=router, learner_layers=layers, **settings)
+    return attach_settings(model, spec)
+
+
+def attach_settings(model: nn.Module, settings: WingsSettings) -> nn.Module:
+    """`attach` with every setting given as one `WingsSettings` (what a saved config or adapter holds)."""
     if is_attached(model):
         raise ValueError(f"{type(model).__name__} already carries Wings learners; wings.detach(model) first, or "
                          "add the stage-2 parts with wings.add_stage2_parts(model)")
@@ -42,13 +48,12 @@ def attach(model: nn.Module, rank: int = 64, router: str = "segment", layers: li
     if stock is not expected:
         raise ValueError(f"wings.attach takes a {expected.__name__} (the model with its LM head, as "
                          f"AutoModelForImageTextToText loads it), got a {stock.__name__}")
-    spec = WingsSettings.for_stage(stage, learner_rank=rank, router_type=router, learner_layers=layers, **settings)
-    spec.check(_text_layers(model, arch))
+    settings.check(_text_layers(model, arch))
     model.config.__class__ = wings_config_class(type(model.config))
-    model.config.wings = spec.to_dict()
+    model.config.wings = settings.to_dict()
     model.__class__ = wings_model_class(stock)
     try:
-        install(model, spec)
+        install(model, settings)
     except Exception:
         _restore(model)
         raise
