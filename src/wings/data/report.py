@@ -27,6 +27,10 @@ REASONS = {
     "over_context": "longer than the model takes (its position router's width) even after truncation to max_length",
     "image_in_text_mix": "a record of the text-only mixing file has images",
     "not_utf8": "the line is not UTF-8 text",
+    "bad_unicode": "a field holds a lone surrogate (a JSON \\ud800-style escape that is no Unicode character)",
+    "image_in_reply": "an `<image>` placeholder in an assistant turn (stock VLMs: a reply cannot be an image)",
+    "template_mismatch": "the model's chat template renders a conversation's prefix differently inside the whole "
+                         "(stock VLMs: the replies to learn cannot be located)",
 }
 
 # Records kept but changed on the way in: counted and listed too, so no change is silent.
