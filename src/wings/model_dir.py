@@ -15,7 +15,7 @@ from pathlib import Path
 
 from .paths import read_json, require_dir
 
-KINDS = ("wings", "causal_lm", "vision", "any")
+KINDS = ("wings", "causal_lm", "vision", "vlm", "any")
 JSON_FILES = ("config.json", "generation_config.json", "tokenizer_config.json", "special_tokens_map.json",
               "processor_config.json", "preprocessor_config.json")
 INDEX_FILES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
@@ -31,11 +31,29 @@ def _causal_lm_types() -> set[str]:
     return set(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES)
 
 
+def _vlm_types() -> tuple[set[str], str]:
+    """(stock VLM types Wings attaches to, the prefix of their Wings-attached types)."""
+    from .vlm.registry import ARCHS, WINGS_PREFIX
+
+    return set(ARCHS), WINGS_PREFIX
+
+
+def is_wings_type(model_type: str | None) -> bool:
+    """A Wings model: composed (`wings`) or a stock VLM with Wings attached (`wings_<type>`)."""
+    stock, prefix = _vlm_types()
+    return model_type == "wings" or (bool(model_type) and model_type.startswith(prefix)
+                                     and model_type[len(prefix):] in stock)
+
+
 def describe_kind(config: dict) -> str:
     """What a config.json describes, in words, for messages."""
     model_type = config.get("model_type")
     if model_type == "wings":
         return "a Wings model"
+    if is_wings_type(model_type):
+        return f"a {model_type[len('wings_'):]} VLM with Wings attached"
+    if model_type in _vlm_types()[0]:
+        return f"a stock {model_type} VLM"
     if model_type in VISION_TYPES:
         return f"a {model_type} vision encoder"
     if model_type in _causal_lm_types():
@@ -58,9 +76,11 @@ def check_model_dir(path: str | Path, what: str, kind: str = "wings", weights: b
             raise ValueError(f"{what} {path} is {describe_kind(config)}, not a causal language model "
                              "(its config.json decides)")
     elif kind == "vision":
-        if model_type == "wings" or model_type in _causal_lm_types():
+        if is_wings_type(model_type) or model_type in _causal_lm_types():
             raise ValueError(f"{what} {path} is {describe_kind(config)}, not a vision encoder")
-    elif model_type == "wings":
+    elif kind == "vlm":
+        _require_stock_vlm(path, config, what)
+    elif is_wings_type(model_type):
         _require_wings(path, config, what)
     elif model_type not in _causal_lm_types():
         raise ValueError(f"{what} {path} is {describe_kind(config)}; expected a Wings model or a causal "
@@ -83,15 +103,33 @@ def read_config(path: Path, what: str) -> dict:
     return config
 
 
+def _require_stock_vlm(path: Path, config: dict, what: str) -> None:
+    from .vlm.registry import arch_for
+
+    model_type = config.get("model_type")
+    if is_wings_type(model_type):
+        raise ValueError(f"{what} {path} is {describe_kind(config)} already; give the stock model's directory")
+    arch_for(model_type)  # refuses an unsupported type, naming the supported ones
+    _require_sub_configs(path, config, what)
+
+
 def _require_wings(path: Path, config: dict, what: str) -> None:
     model_type = config.get("model_type")
-    if model_type != "wings":
+    if not is_wings_type(model_type):
         hint = ""
         if model_type in _causal_lm_types():
             hint = (f"; build a Wings model from it with `wings init-model --llm {path} --vision VISION_DIR "
                     "--out DIR`")
+        elif model_type in _vlm_types()[0]:
+            hint = f"; attach Wings to it with `wings init-model --vlm {path} --out DIR`"
         raise ValueError(f"{what} {path} is {describe_kind(config)}, not a Wings model (config.json model_type "
-                         f"{model_type!r}, expected 'wings'){hint}")
+                         f"{model_type!r}, expected 'wings' or a stock VLM type with Wings attached){hint}")
+    if model_type != "wings" and not isinstance(config.get("wings"), dict):
+        raise ValueError(f"{what} {path}: config.json has no `wings` settings; an unfinished save?")
+    _require_sub_configs(path, config, what)
+
+
+def _require_sub_configs(path: Path, config: dict, what: str) -> None:
     for sub in ("text_config", "vision_config"):
         value = config.get(sub)
         if not isinstance(value, dict) or not value.get("model_type"):

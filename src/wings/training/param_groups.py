@@ -7,11 +7,16 @@
     router           language_model...self_attn.router.*
     lora             LoRA adapters on the base LLM (names hold `lora_`)
     llm              every other language_model.* parameter (the base LLM's own weights)
+
+A stock VLM with Wings attached names its parts its own way: its registry entry (wings.vlm.registry) says which
+module paths are the vision encoder and which the projector (Qwen-VL: `model.visual` and its `model.visual.merger`),
+and everything else outside the learners is the `llm` group (text model, LM head).
 """
 
 from __future__ import annotations
 
 from collections import defaultdict
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -30,8 +35,36 @@ def strip_wrappers(name: str) -> str:
     return name
 
 
-def classify(name: str) -> str:
-    """The group a parameter belongs to, from its name; raises for a name outside the Wings layout."""
+@dataclass(frozen=True)
+class GroupLayout:
+    """Module path prefixes of the groups that are not found by their Wings names (longest prefix wins).
+    `strict`: a name outside every prefix is an error (the composed model); else it belongs to `llm`."""
+
+    vision: tuple[str, ...] = ("vision_tower",)
+    projector: tuple[str, ...] = ("projector",)
+    llm: tuple[str, ...] = ("language_model",)
+    strict: bool = True
+
+
+COMPOSED = GroupLayout()
+
+
+def layout_of(model: nn.Module) -> GroupLayout:
+    """The composed layout, or a stock VLM's from its registry entry (wrappers such as DDP and PEFT unwrapped)."""
+    inner = model
+    while hasattr(inner, "module") and isinstance(inner.module, nn.Module):  # DDP, DeepSpeed engines
+        inner = inner.module
+    model_type = getattr(getattr(inner, "config", None), "model_type", None)
+    if model_type in (None, "wings"):
+        return COMPOSED
+    from ..vlm.registry import arch_for, base_model_type
+
+    arch = arch_for(base_model_type(model_type))
+    return GroupLayout(vision=arch.vision, projector=arch.projector, llm=(), strict=False)
+
+
+def classify(name: str, layout: GroupLayout = COMPOSED) -> str:
+    """The group a parameter belongs to, from its name; raises for a name outside the layout (when strict)."""
     name = strip_wrappers(name)
     if "lora_" in name:
         return "lora"
@@ -41,19 +74,24 @@ def classify(name: str) -> str:
         return "textual_learner"
     if ".self_attn.router." in name:
         return "router"
-    if name.startswith("vision_tower."):
-        return "vision_tower"
-    if name.startswith("projector."):
-        return "projector"
-    if name.startswith("language_model."):
+    best, group = -1, None
+    for candidate, prefixes in (("vision_tower", layout.vision), ("projector", layout.projector),
+                                ("llm", layout.llm)):
+        for prefix in prefixes:
+            if (name == prefix or name.startswith(prefix + ".")) and len(prefix) > best:
+                best, group = len(prefix), candidate
+    if group is not None:
+        return group
+    if not layout.strict:
         return "llm"
     raise ValueError(f"parameter {name!r} belongs to no known group (vision_tower, projector, language_model)")
 
 
 def grouped_parameters(model: nn.Module) -> dict[str, list[tuple[str, nn.Parameter]]]:
+    layout = layout_of(model)
     groups: dict[str, list[tuple[str, nn.Parameter]]] = defaultdict(list)
     for name, param in model.named_parameters():
-        groups[classify(name)].append((name, param))
+        groups[classify(name, layout)].append((name, param))
     return dict(groups)
 
 
@@ -86,10 +124,11 @@ def optimizer_param_groups(model: nn.Module, lrs: dict[str, float], weight_decay
     Each dict carries a `group` key (the name) so logs and tests can find the lr of, e.g., the projector.
     """
     buckets: dict[tuple[str, bool], list[nn.Parameter]] = defaultdict(list)
+    layout = layout_of(model)
     for name, param in model.named_parameters():
         if not param.requires_grad:
             continue
-        group = classify(name)
+        group = classify(name, layout)
         if group not in lrs:
             raise ValueError(f"parameter {name!r} (group {group}) is trainable but its group has no learning rate")
         buckets[(group, name in decay_names)].append(param)

@@ -7,6 +7,7 @@ so the output is unchanged at the start) and a fresh router. `mode: llava` drops
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import torch
@@ -19,8 +20,11 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 
 
 def load_stage_model(config: TrainConfig):
-    """Load `config.model.path` with `config.model.overrides` applied; check the mode the stage expects."""
-    from ..modeling import WingsForConditionalGeneration
+    """Load `config.model.path` with `config.model.overrides` applied; check the mode the stage expects.
+
+    The directory holds a composed Wings/LLaVA model or a stock VLM (with Wings attached, or plain: the baseline);
+    `model.overrides` are Wings fields either way (wings.model_kinds.load_model)."""
+    from ..model_kinds import load_model, model_facts
 
     path = Path(config.model.path) if config.model.path else None
     if path is None:
@@ -35,23 +39,35 @@ def load_stage_model(config: TrainConfig):
         raise ValueError(f"model.overrides.mode must be 'wings' or 'llava', got {overrides['mode']!r}")
     # Base weights keep their stock names in both modes, so a mode override just drops the learners
     # (wings -> llava) or adds fresh zero-output ones (llava -> wings) while loading.
-    model = WingsForConditionalGeneration.from_pretrained(path, dtype=DTYPES[config.model.dtype], **overrides)
-    if model.config.mode != config.mode:
+    model = load_model(path, dtype=DTYPES[config.model.dtype], overrides=overrides)
+    mode = model_facts(model).mode
+    if mode != config.mode:
         raise ValueError(
-            f"stage {config.stage!r} expects a {config.mode}-mode model but {path} loads as {model.config.mode!r}; "
+            f"stage {config.stage!r} expects a {config.mode}-mode model but {path} loads as {mode!r}; "
             f"set model.overrides.mode={config.mode}"
         )
     return model
 
 
-def lora_target_regex(targets: list[str]) -> str:
-    """Base-LLM linear layers only: the attention's own projections (`self_attn.q_proj`, ...) and the MLP.
+def lora_target_regex(targets: list[str], layers_path: str = "language_model.model.layers") -> str:
+    """Base-LLM linear layers only: the attention's own projections (`self_attn.q_proj`, ...) and the MLP of the
+    decoder layers under `layers_path` (a stock VLM's: its text model's, e.g. `model.language_model.layers`).
 
     The learners' own projections (`self_attn.visual.q_proj.*`) share names with the attention's, so the regex
     anchors on the module path, never on a bare name.
     """
     names = "|".join(sorted(set(targets)))
-    return rf".*language_model\.model\.layers\.\d+\.(?:self_attn|mlp)\.(?:{names})"
+    return rf".*{re.escape(layers_path)}\.\d+\.(?:self_attn|mlp)\.(?:{names})"
+
+
+def decoder_layers_path(model: nn.Module) -> str:
+    """Where the decoder layers of the model's LLM sit (composed model or stock VLM)."""
+    model_type = getattr(model.config, "model_type", None)
+    if model_type == "wings":
+        return "language_model.model.layers"
+    from ..vlm.registry import arch_for, base_model_type
+
+    return f"{arch_for(base_model_type(model_type)).text_model}.layers"
 
 
 def add_lora(model: nn.Module, config: TrainConfig) -> int:
@@ -62,7 +78,8 @@ def add_lora(model: nn.Module, config: TrainConfig) -> int:
 
     lora = config.lora
     peft_config = LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
-                             target_modules=lora_target_regex(lora.targets), bias="none")
+                             target_modules=lora_target_regex(lora.targets, decoder_layers_path(model)),
+                             bias="none")
     inject_adapter_in_model(peft_config, model)
     wrapped = sum(isinstance(m, LoraLayer) for m in model.modules())
     if wrapped == 0:

@@ -97,9 +97,10 @@ class WingsTrainer(Trainer):
     def _image_path_anchor(self, model) -> torch.Tensor | None:
         if self.is_deepspeed_enabled and self.accelerator.state.deepspeed_plugin.zero_stage == 3:
             return None  # ZeRO-3 partitions parameters outside forward; its own reducer tolerates missing grads
-        inner = self.accelerator.unwrap_model(model)
-        params = [p for name in ("vision_tower", "projector") if hasattr(inner, name)
-                  for p in getattr(inner, name).parameters() if p.requires_grad]
+        from .param_groups import grouped_parameters
+
+        groups = grouped_parameters(self.accelerator.unwrap_model(model))
+        params = [p for group in ("vision_tower", "projector") for _, p in groups.get(group, ()) if p.requires_grad]
         if not params:
             return None
         return sum(p.sum() for p in params) * 0.0
@@ -172,7 +173,9 @@ def save_final_atomic(trainer: Trainer, processor, final_dir: str | Path) -> Pat
         trainer.save_model(str(tmp))
         if trainer.args.should_save:
             if processor is not None:
-                processor.save_pretrained(str(tmp))
+                from ..model_kinds import save_processor
+
+                save_processor(processor, tmp)
             # The training arguments HF drops into the folder are for resuming, not for loading the model.
             (tmp / "training_args.bin").unlink(missing_ok=True)
             replace_dir(tmp, final_dir)
