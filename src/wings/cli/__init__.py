@@ -9,7 +9,7 @@ import sys
 
 # Subcommand modules, in the order `wings --help` lists them.
 COMMANDS = ["init_model", "smoke", "train", "evaluate", "forgetting", "iit", "laws", "chat", "convert_official",
-            "serve", "demo"]
+            "serve", "demo", "study"]
 
 
 class CLIError(Exception):
