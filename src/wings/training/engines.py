@@ -27,7 +27,53 @@ from typing import Any
 
 from transformers import TrainerCallback
 
+from ..launch_env import launched_world_size
 from .config import TrainConfig
+
+
+def resolve_launch(config: TrainConfig) -> str | None:
+    """Make a multi-process launch one distributed job, or refuse it: never N independent single-process runs
+    writing one output_dir. Returns a note for the log when it chose something the config did not say.
+
+    accelerate forms a process group only on GPUs (and other accelerators) unless told to use the CPU: on a
+    machine without one, `torchrun --nproc_per_node N` without `train.use_cpu` would give N separate trainings.
+    There the CPU path (gloo) is chosen here. `launch.train` checks the outcome once the Trainer's arguments exist.
+    """
+    import torch
+
+    world = launched_world_size()
+    if world < 2:
+        return None
+    t = config.train
+    xpu = getattr(torch, "xpu", None)
+    accelerator = torch.cuda.is_available() or bool(xpu is not None and xpu.is_available())
+    note = None
+    if not t.use_cpu and not accelerator:
+        t.use_cpu = True
+        note = (f"launched as {world} processes on a machine without a CUDA GPU: training as one distributed job of "
+                f"{world} CPU processes (train.use_cpu=true, {t.ddp_backend or 'gloo'})")
+    if t.ddp_backend == "nccl" and (t.use_cpu or not torch.cuda.is_available()):
+        where = "train.use_cpu is true" if torch.cuda.is_available() else "this machine has no CUDA GPU"
+        raise ValueError(f"train.ddp_backend=nccl needs CUDA GPUs and {where}: use train.ddp_backend=gloo (or "
+                         "leave it unset)")
+    if not t.use_cpu and torch.cuda.is_available():
+        local = int(os.environ.get("LOCAL_WORLD_SIZE") or 0) or int(os.environ.get("LOCAL_RANK") or 0) + 1
+        gpus = torch.cuda.device_count()
+        if local > gpus:
+            raise ValueError(f"{local} processes were launched on this machine but it has {gpus} CUDA GPU(s), and "
+                             f"each process trains on a GPU of its own: launch at most {gpus} per machine "
+                             f"(torchrun --nproc_per_node {gpus}), or train on CPU processes (train.use_cpu=true)")
+    return note
+
+
+def check_world_size(trainer_world_size: int) -> None:
+    """The Trainer's view of the job must be the launcher's: anything else would be several separate runs."""
+    world = launched_world_size()
+    if world > 1 and trainer_world_size != world:
+        raise ValueError(
+            f"the launcher started {world} processes but the trainer set up a job of {trainer_world_size}: each "
+            "process would train alone and all would write the same output_dir. Launch one process, or check "
+            "train.use_cpu / train.ddp_backend / the launcher's settings so that the processes form one job")
 
 
 def init_restarted_process_group(config: TrainConfig) -> bool:

@@ -18,8 +18,15 @@ from pathlib import Path
 import torch
 from transformers import AutoProcessor, TrainingArguments, set_seed
 
+from ..launch_env import keep_deepspeed_unloaded
 from .config import TrainConfig, dump_config
-from .engines import engine_arguments, init_restarted_process_group, prepare_engine
+from .engines import (
+    check_world_size,
+    engine_arguments,
+    init_restarted_process_group,
+    prepare_engine,
+    resolve_launch,
+)
 from .preflight import plan_run, start_run
 from .router_diagnostics import router_callbacks
 from .stages import merge_lora, prepare_model, stage_learning_rates
@@ -116,8 +123,12 @@ def train(config: TrainConfig, train_dataset=None, data_collator=None, callbacks
     """Run one stage. `train_dataset`/`data_collator` replace the `config.data` pipeline when given; `callbacks`
     are extra HF `TrainerCallback`s. Everything is checked before a model is built or a file is written (see
     `training.preflight`): a resume continues the same run or is refused, a finished run is not trained again."""
+    keep_deepspeed_unloaded()  # a run without train.deepspeed never imports it (wings.launch_env)
+    launch_note = resolve_launch(config)  # N launched processes: one job (CPU chosen if need be) or refused
     init_restarted_process_group(config)  # before anything joins a process group (torchrun --max-restarts)
     plan = plan_run(config, custom_data_name(train_dataset))
+    if launch_note:
+        plan.notes.insert(0, launch_note)
     announce(plan)
     if plan.finished:
         return finished_result(config, plan)
@@ -128,6 +139,8 @@ def train(config: TrainConfig, train_dataset=None, data_collator=None, callbacks
     if train_dataset is None:  # scanned before anything is written: bad data leaves an old run untouched
         train_dataset, built_collator = build_data(config, processor, context_length=hard_context_length(model))
         data_collator = data_collator or built_collator
+    args = training_arguments(config)  # after the model, as before (live ZeRO-3 arguments change how it loads)
+    check_world_size(args.world_size)  # before anything is written
     start_run(plan, is_main_process())
     if is_main_process():
         dump_config(config, output_dir / "train_config.yaml")
@@ -139,7 +152,7 @@ def train(config: TrainConfig, train_dataset=None, data_collator=None, callbacks
     lrs, wds = stage_learning_rates(config)
     recorder = LossRecorder()
     trainer = WingsTrainer(
-        model=model, args=training_arguments(config), train_dataset=train_dataset, data_collator=data_collator,
+        model=model, args=args, train_dataset=train_dataset, data_collator=data_collator,
         processing_class=processor, callbacks=[recorder, *router_callbacks(model), *(callbacks or [])], group_lrs=lrs,
         group_weight_decays=wds,
         group_by_modality=config.data.group_by_modality,
