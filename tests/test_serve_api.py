@@ -130,6 +130,7 @@ def test_seeded_sampling_repeats(client):
     assert len(set(answers)) > 1  # different seeds really sample
 
 
+HI = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
 ERROR_CASES = [
     # (name, raw body or dict, status, words the message must hold)
     ("malformed JSON", b'{"model": "tiny-wings", "messages": [', 400, "not valid JSON"),
@@ -162,6 +163,54 @@ ERROR_CASES = [
     ("unknown field", {"model": "tiny-wings", "messages": [{"role": "user", "content": "hi"}], "frobnicate": 1},
      400, "frobnicate"),
     ("unknown model", {"model": "gpt-9", "messages": [{"role": "user", "content": "hi"}]}, 404, "gpt-9"),
+    # Valid JSON that used to reach the generator unchecked (issue 21): every field range- and type-checked.
+    ("seed beyond 64 bits", {**HI, "seed": 2**64, "temperature": 1.0}, 400, "seed: Input should be less than"),
+    ("seed below -2**63", {**HI, "seed": -(2**63) - 1}, 400, "seed: Input should be greater than"),
+    ("seed a string", {**HI, "seed": "7"}, 400, "seed: Input should be a valid integer"),
+    ("seed a boolean", {**HI, "seed": True}, 400, "seed: Input should be a valid integer"),
+    ("max_tokens a string", {**HI, "max_tokens": "3"}, 400, "max_tokens: Input should be a valid integer"),
+    ("max_tokens a fraction", {**HI, "max_tokens": 2.5}, 400, "max_tokens: Input should be a valid integer"),
+    ("max_completion_tokens huge", {**HI, "max_completion_tokens": 2**70}, 400, "max_completion_tokens: the prompt"),
+    ("n=true", {**HI, "n": True}, 400, "n=true"),
+    ("n huge", {**HI, "n": 10**30}, 400, "n=1000000000000000000000000000000"),
+    ("temperature a string", {**HI, "temperature": "1"}, 400, "temperature: Input should be a valid number"),
+    ("temperature negative", {**HI, "temperature": -0.5}, 400, "temperature"),
+    ("top_p zero", {**HI, "temperature": 1.0, "top_p": 0}, 400, "top_p"),
+    ("stream a string", {**HI, "stream": "yes"}, 400, "stream: Input should be a valid boolean"),
+    ("wings_router a number", {**HI, "wings_router": 1}, 400, "wings_router"),
+    ("include_usage a string", {**HI, "stream_options": {"include_usage": "yes"}}, 400, "include_usage"),
+    ("stop of numbers", {**HI, "stop": [1, 2]}, 400, "stop"),
+    ("stop of 17 strings", {**HI, "stop": [f"s{i}" for i in range(17)]}, 400, "at most 16 stop sequences"),
+    ("stop empty", {**HI, "stop": ["x", ""]}, 400, "must not be empty"),
+    ("logit_bias", {**HI, "logit_bias": {"42": 100}}, 400, "logit_bias"),
+    ("content part nested in a part", {"messages": [{"role": "user", "content": [
+        {"type": "text", "text": [{"type": "text", "text": "x"}]}]}]}, 400, "messages[0].content"),
+    ("image_url a string", {"messages": [{"role": "user", "content": [
+        {"type": "image_url", "image_url": "data:image/png;base64,AAAA"}]}]}, 400, "image_url"),
+    ("image url a number", {"messages": [{"role": "user", "content": [
+        {"type": "image_url", "image_url": {"url": 5}}]}]}, 400, "url"),
+    ("image path with a NUL byte", {"messages": "NUL_PATH"}, 400, "not a usable file path"),
+    ("image path too long", {"messages": "LONG_PATH"}, 400, "not a usable file path"),
+    ("NaN", b'{"messages": [{"role": "user", "content": "hi"}], "temperature": NaN}', 400, "NaN is not a JSON"),
+    ("Infinity", b'{"messages": [{"role": "user", "content": "hi"}], "top_p": Infinity}', 400, "Infinity"),
+    ("JSON nested too deeply", b'{"messages": ' + b"[" * 100_000 + b"]" * 100_000 + b"}", 400, "nested too deeply"),
+    ("an integer of 5000 digits", b'{"messages": [{"role": "user", "content": "hi"}], "seed": ' + b"9" * 5000 + b"}",
+     400, "more than 4300 digits"),
+    # Text that is not Unicode (a lone surrogate, valid JSON as \ud800): refused naming the field, never a 500.
+    ("lone surrogate in content", {"messages": [{"role": "user", "content": "bad \ud800 text"}]}, 400,
+     "messages[0].content holds a lone surrogate (U+D800 at character 4)"),
+    ("lone surrogate in a text part", {"messages": [{"role": "user", "content": [
+        {"type": "text", "text": "bad \udfff"}]}]}, 400, "messages[0].content[0].text holds a lone surrogate"),
+    ("lone surrogate in a system message", {"messages": [{"role": "system", "content": "\udcff"}, *HI["messages"]]},
+     400, "messages[0].content holds"),
+    ("lone surrogate in stop", {**HI, "stop": ["ok", "\ud800"]}, 400, "stop[1] holds"),
+    ("lone surrogate in an image url", {"messages": [{"role": "user", "content": [
+        {"type": "image_url", "image_url": {"url": "/x/\ud800.png"}}]}]}, 400, "image_url.url holds"),
+    ("lone surrogate in model", {**HI, "model": "tiny-\ud800"}, 400, "model holds"),
+    ("lone surrogate in a name", {"messages": [{**HI["messages"][0], "name": "\ud800"}]}, 400,
+     "messages[0].name holds"),
+    ("lone surrogate in an ignored field", {**HI, "user": "\ud800"}, 400, "user holds"),
+    ("lone surrogate in a key", {**HI, "\ud800": 1}, 400, "a key of the object holds"),
 ]
 
 
@@ -178,6 +227,8 @@ def _materialise(messages, image_urls, local_dir):
         "OUTSIDE_PATH": user("what?", tmp_outside),
         "REMOTE": user("what?", "http://127.0.0.1:9/picture.png"),
         "LONG": user(" ".join(["what shape is it"] * 800)),
+        "NUL_PATH": user("what?", str(local_dir / "a\x00b.png")),  # inside the allowed folder
+        "LONG_PATH": user("what?", str(local_dir / ("a" * 5000))),
     }[messages]
 
 
@@ -188,7 +239,9 @@ def test_bad_input_gets_a_4xx_naming_the_problem(server, image_urls, local_dir, 
     if isinstance(body, dict):
         if "messages" in body:
             body = {**body, "messages": _materialise(body["messages"], image_urls, local_dir)}
-        payloads = [json.dumps(body).encode(), json.dumps({**body, "stream": True}).encode()]
+        payloads = [json.dumps(body).encode()]
+        if "stream" not in body:
+            payloads.append(json.dumps({**body, "stream": True}).encode())
     for payload in payloads:  # a streaming request fails the same way, before any event
         reply = requests.post(url, data=payload, headers={"Content-Type": "application/json"}, timeout=60)
         assert reply.status_code == status, (name, reply.text[:300])
@@ -250,3 +303,31 @@ def test_a_body_over_the_limit_is_refused_with_413(wings_pair, image_urls):
         assert reply.status_code == 413 and "over the limit" in reply.json()["error"]["message"]
         small = {"model": "tiny-wings", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
         assert requests.post(url + "/v1/chat/completions", json=small, timeout=30).status_code == 200
+
+
+def test_edge_values_in_range_are_answered(client):
+    """The ends of each accepted range decode (issue 21: a near-zero temperature used to divide the logits into
+    inf and NaN, a 500). Below 1e-5 a temperature decodes greedily, its limit."""
+    def ask(**kw):
+        return client.chat.completions.create(model="tiny-wings", messages=user("tell me a story"), max_tokens=6, **kw)
+
+    greedy = ask(temperature=0).choices[0].message.content
+    for tiny in (1e-300, 5e-324, 9e-6):
+        assert ask(temperature=tiny, seed=3).choices[0].message.content == greedy
+    for seed in (-(2**63), 2**63 - 1, 0):
+        assert ask(temperature=1.0, seed=seed).choices[0].finish_reason in ("stop", "length")
+    assert ask(temperature=1.0, top_p=5e-324, seed=1).choices[0].message.content is not None
+    assert ask(temperature=2.0, top_p=1.0, seed=1).choices[0].message.content is not None
+
+
+@pytest.mark.parametrize(("body", "param", "words"), [
+    (b'{"url": "\\ud800"}', "url", "url holds a lone surrogate"),
+    (b'{"url": 5}', "url", "`url` must be a string"),
+    (b'{"url": "data:image/png;base64,AAAA", "model": []}', "model", "`model` must be a string"),
+    (b"[" * 50_000, None, "nested too deeply"),
+], ids=["surrogate", "url_number", "model_list", "deep"])
+def test_the_pages_image_check_answers_4xx(server, body, param, words):
+    reply = requests.post(server[0] + "/wings/check-image", data=body, timeout=30)
+    assert reply.status_code == 400, reply.text[:300]
+    error = reply.json()["error"]
+    assert words in error["message"] and error["param"] == param

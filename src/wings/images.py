@@ -119,6 +119,16 @@ def open_image(source: object, limits: ImageLimits = DEFAULT_LIMITS, policy: Sou
 def _from_path(path: Path, name: str, limits: ImageLimits, policy: SourcePolicy) -> Image.Image:
     if not policy.allow_paths:
         raise ImageError(name, "local image paths are not allowed here", "not_allowed")
+    try:
+        return _read_path(path, name, limits, policy)
+    except (OSError, ValueError, RuntimeError) as err:  # a NUL byte, a name too long, a symlink loop, ...
+        if isinstance(err, ImageError):
+            raise
+        reason = err.strerror if isinstance(err, OSError) and err.strerror else str(err)
+        raise ImageError(name, f"is not a usable file path ({reason})", "missing") from None
+
+
+def _read_path(path: Path, name: str, limits: ImageLimits, policy: SourcePolicy) -> Image.Image:
     if policy.path_root is not None:
         root = Path(policy.path_root).resolve()
         if not path.resolve().is_relative_to(root):

@@ -77,6 +77,54 @@ def read_json(path: str | Path, what: str):
 
 
 # ---------------------------------------------------------------------------------------------------------------
+# Text that is not Unicode
+
+
+def lone_surrogate(value: object, path: str = "") -> tuple[str, str] | None:
+    """Where a JSON value (or a command-line string) holds a lone surrogate, and which: `("messages[0].content",
+    "U+D800 at character 4")`, or None. Checked without recursion; dict keys are checked too.
+
+    JSON's `\\uD800` escapes can carry half of a UTF-16 pair, and Python decodes undecodable command-line or
+    terminal bytes to U+DC80..U+DCFF: such a str is no Unicode text (no UTF-8 encoding exists), and tokenizers,
+    UTF-8 writers and HTTP responses fail on it deep inside. Every place text enters refuses it with this.
+    """
+    stack = [(path, value)]
+    while stack:
+        where, item = stack.pop()
+        if isinstance(item, str):
+            if item.isascii():
+                continue
+            try:
+                item.encode("utf-8")
+            except UnicodeEncodeError as err:
+                return where or "the text", f"U+{ord(item[err.start]):04X} at character {err.start}"
+        elif isinstance(item, dict):
+            for key, sub in reversed(list(item.items())):
+                sub_where = f"{where}.{key}" if where else str(key)
+                if isinstance(key, str) and not key.isascii():
+                    found = lone_surrogate(key, f"a key of {where or 'the object'}")
+                    if found:
+                        return found
+                stack.append((sub_where, sub))
+        elif isinstance(item, list | tuple):
+            stack.extend((f"{where}[{i}]", sub) for i, sub in reversed(list(enumerate(item))))
+    return None
+
+
+def escaped(text: str) -> str:
+    """`text`, or where it is not Unicode (a name taken from a folder whose name is not UTF-8) the same with those
+    characters written as `\\udcff` escapes, so it can be shown, written as UTF-8 and sent over HTTP."""
+    return text.encode("utf-8", "backslashreplace").decode("utf-8") if lone_surrogate(text) else text
+
+
+def surrogate_message(found: tuple[str, str]) -> str:
+    """`FIELD holds a lone surrogate (U+D800 at character 4), which is not Unicode text: ...`."""
+    where, which = found
+    return (f"{where} holds a lone surrogate ({which}), which is not Unicode text (half of a UTF-16 pair, or a byte "
+            "that was not valid in the input's encoding); fix or remove it")
+
+
+# ---------------------------------------------------------------------------------------------------------------
 # Outputs
 
 

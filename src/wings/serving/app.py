@@ -146,6 +146,8 @@ def create_app(server: Server) -> FastAPI:
         url, name = body.get("url"), body.get("model")
         if not isinstance(url, str):
             raise bad_request("`url` must be a string (a data URL)", param="url")
+        if name is not None and not isinstance(name, str):
+            raise bad_request("`model` must be a string (a served model's name)", param="model")
         served, _ = server.model_for(name)
         image = await run_in_threadpool(served.open_image, url, "image")
         return {"ok": True, "width": image.width, "height": image.height}

@@ -15,10 +15,11 @@ import torch
 
 from ..generation.chat import OFFICIAL_SYSTEM_PROMPT, ChatSession, load_chat_model
 from ..images import DEFAULT_LIMITS, ImageError, ImageLimits, SourcePolicy, open_image
+from ..paths import escaped
 from ..processing import IMAGE_TOKEN
 from .errors import bad_request
 from .hf_compat import to_processor_messages
-from .protocol import ChatRequest
+from .protocol import GREEDY_BELOW_TEMPERATURE, ChatRequest
 
 
 @dataclass(frozen=True)
@@ -104,7 +105,8 @@ class ServedModel:
     def load(cls, model_dir: str | Path, name: str | None = None, device: str = "auto", dtype: str = "auto",
              policy: ServingPolicy | None = None) -> ServedModel:
         model, processor = load_chat_model(model_dir, device=device, dtype=dtype)
-        return cls(name or Path(model_dir).resolve().name, model, processor, policy)
+        # A folder's name need not be UTF-8; the API and the page need text.
+        return cls(name or escaped(Path(model_dir).resolve().name), model, processor, policy)
 
     def info(self) -> dict:
         config = self.model.config
@@ -173,9 +175,10 @@ class ServedModel:
         if requested is None:
             return min(room, self.policy.default_max_tokens)
         if requested > room:
-            raise bad_request(f"the prompt is {prompt_tokens} tokens{images} and {requested} more were requested, "
-                              f"but the model's context is {self.context_length} tokens; ask for at most {room}",
-                              param="max_tokens", code="context_length_exceeded")
+            field = "max_completion_tokens" if request.max_completion_tokens is not None else "max_tokens"
+            raise bad_request(f"{field}: the prompt is {prompt_tokens} tokens{images} and {requested} more were "
+                              f"requested, but the model's context is {self.context_length} tokens; ask for at most "
+                              f"{room}", param=field, code="context_length_exceeded")
         return requested
 
     def _sampling(self, request: ChatRequest) -> Sampling:
@@ -183,7 +186,7 @@ class ServedModel:
         temperature = request.temperature
         if temperature is None and getattr(config, "do_sample", False):
             temperature = config.temperature if config.temperature is not None else 1.0
-        if not temperature:  # None or 0: greedy
+        if temperature is None or temperature < GREEDY_BELOW_TEMPERATURE:  # None, 0 or nearly 0: greedy (its limit)
             return Sampling(seed=request.seed)
         top_p = request.top_p if request.top_p is not None else getattr(config, "top_p", None)
         return Sampling(temperature=float(temperature), top_p=top_p, top_k=getattr(config, "top_k", None) or None,

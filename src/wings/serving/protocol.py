@@ -18,8 +18,9 @@ from openai.types.chat.chat_completion_chunk import Choice as ChunkChoice
 from openai.types.chat.chat_completion_chunk import ChoiceDelta
 from openai.types.chat.completion_create_params import CompletionCreateParamsBase
 from openai.types.completion_usage import CompletionUsage
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, Strict, StrictBool, StrictInt, ValidationError, field_validator
 
+from ..paths import lone_surrogate, surrogate_message
 from .errors import bad_request
 
 # Our extensions to the request (OpenAI clients pass them through `extra_body`).
@@ -38,6 +39,12 @@ UNSUPPORTED_UNLESS_DEFAULT = {
 }
 KNOWN_FIELDS = set(CompletionCreateParamsBase.__annotations__) | {"stream"}
 MAX_STOP_SEQUENCES = 16
+# `seed` seeds a torch generator, which takes a 64-bit value: the signed 64-bit range (OpenAI's and vLLM's).
+SEED_MIN, SEED_MAX = -(2**63), 2**63 - 1
+# A temperature below this samples as greedy decoding does (its limit), without dividing logits by ~0: as in vLLM.
+GREEDY_BELOW_TEMPERATURE = 1e-5
+# Numbers are typed strictly: "3" is not an integer, true is not 1, 2.0 is not an integer (OpenAI's API agrees).
+Number = Annotated[float, Strict()]
 
 
 class TextPart(BaseModel):
@@ -70,25 +77,30 @@ class Message(BaseModel):
 
 class StreamOptions(BaseModel):
     model_config = ConfigDict(extra="ignore")
-    include_usage: bool = False
+    include_usage: StrictBool = False
 
 
 class ChatRequest(BaseModel):
-    """The fields of a chat-completions request that change the answer."""
+    """The fields of a chat-completions request that change the answer, each range-checked here (a 400 names it).
+
+    `temperature` in [0, 2] (0, and anything below `GREEDY_BELOW_TEMPERATURE`, decodes greedily), `top_p` in
+    (0, 1], `seed` a signed 64-bit integer, `max_tokens` >= 1 and within the context (checked once the prompt is
+    tokenized), at most `MAX_STOP_SEQUENCES` non-empty stop strings.
+    """
 
     model_config = ConfigDict(extra="ignore")
     model: str | None = None
     messages: list[Message] = Field(min_length=1)
-    stream: bool = False
+    stream: StrictBool = False
     stream_options: StreamOptions | None = None
-    max_tokens: int | None = None
-    max_completion_tokens: int | None = None
-    temperature: float | None = Field(default=None, ge=0.0, le=2.0)
-    top_p: float | None = Field(default=None, gt=0.0, le=1.0)
-    seed: int | None = None
+    max_tokens: StrictInt | None = None
+    max_completion_tokens: StrictInt | None = None
+    temperature: Number | None = Field(default=None, ge=0.0, le=2.0, allow_inf_nan=False)
+    top_p: Number | None = Field(default=None, gt=0.0, le=1.0, allow_inf_nan=False)
+    seed: StrictInt | None = Field(default=None, ge=SEED_MIN, le=SEED_MAX)
     stop: str | list[str] | None = None
-    wings_router: bool = False
-    wings_prompt_router: bool = False
+    wings_router: StrictBool = False
+    wings_prompt_router: StrictBool = False
 
     @field_validator("stop")
     @classmethod
@@ -114,14 +126,29 @@ class ChatRequest(BaseModel):
 
 
 def parse_body(raw: bytes) -> dict:
-    """The request body as a JSON object, or a 400 naming what is wrong with it."""
+    """The request body as a JSON object, or a 400 naming what is wrong with it: not JSON (NaN and Infinity are not
+    JSON either), nested too deeply, an integer too long to read, or text that is not Unicode (a lone surrogate,
+    named by its field: no tokenizer or UTF-8 response can carry it)."""
     try:
-        body = json.loads(raw)
+        body = json.loads(raw, parse_constant=_not_json)
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise bad_request(f"the request body is not valid JSON: {err}") from None
+    except RecursionError:
+        raise bad_request("the request body is JSON nested too deeply to read") from None
+    except ValueError as err:  # NaN / Infinity, or an integer of more digits than Python converts (4300)
+        if "integer string conversion" in str(err):
+            raise bad_request("the request body holds an integer with more than 4300 digits") from None
         raise bad_request(f"the request body is not valid JSON: {err}") from None
     if not isinstance(body, dict):
         raise bad_request(f"the request body must be a JSON object, got {type(body).__name__}")
+    found = lone_surrogate(body)
+    if found:
+        raise bad_request(surrogate_message(found), param=found[0], code="invalid_unicode")
     return body
+
+
+def _not_json(name: str):
+    raise ValueError(f"{name} is not a JSON number")
 
 
 def parse_chat_request(body: dict) -> ChatRequest:
@@ -130,7 +157,7 @@ def parse_chat_request(body: dict) -> ChatRequest:
     if unknown:
         raise bad_request(f"unrecognized request argument supplied: {unknown[0]}", param=unknown[0])
     for field, defaults in UNSUPPORTED_UNLESS_DEFAULT.items():
-        if field in body and not any(body[field] == d for d in defaults):
+        if field in body and not any(_same(body[field], d) for d in defaults):
             what = "one choice per request (n=1)" if field == "n" else f"the default {field} only"
             raise bad_request(f"{field}={json.dumps(body[field])[:80]} is not supported: this server returns "
                               f"{what}", param=field, code="unsupported_parameter")
@@ -140,6 +167,11 @@ def parse_chat_request(body: dict) -> ChatRequest:
         raise bad_request(describe_validation_error(err), param=_param(err)) from None
     request.requested_max_tokens  # noqa: B018  (raises a 400 for max_tokens <= 0)
     return request
+
+
+def _same(value, default) -> bool:
+    """JSON equality: `true` is not `1` (Python's `True == 1` would let `"n": true` pass as n=1)."""
+    return value == default and isinstance(value, bool) == isinstance(default, bool)
 
 
 def describe_validation_error(err: ValidationError) -> str:
