@@ -121,8 +121,8 @@ def test_skip_counts_every_reason_and_writes_the_report(tmp_path, images, proces
                                                 "not_utf8": 1}
     assert report["skipped_by_reason"] == expected
     # over_context needs a model limit (tests/test_hostile_data.py); image_in_reply and template_mismatch are the
-    # stock-VLM pipeline's (tests/test_vlm_data.py)
-    assert set(expected) == set(REASONS) - {"over_context", "image_in_reply", "template_mismatch"}
+    # stock-VLM pipeline's (tests/test_vlm_data.py); bad_unicode is tests/test_hostile_unicode.py's
+    assert set(expected) == set(REASONS) - {"over_context", "image_in_reply", "template_mismatch", "bad_unicode"}
     assert report["skipped"] == sum(expected.values()) == len(report["skipped_records"])
     assert report["kept"] == 3 + 1  # three good main records, one good pool record
     assert len(ds) == 3 + 1  # round(3 * 0.25 / 0.75) = 1 text record mixed in

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 
 
 def positive_int(text: str) -> int:
@@ -31,6 +32,18 @@ def probability(text: str) -> float:
     value = _float(text)
     if not 0 < value <= 1:
         raise argparse.ArgumentTypeError(f"must be in (0, 1], got {text}")
+    return value
+
+
+def text(value: str) -> str:
+    """A text argument (a prompt, a stop string, a label, a name). Python hands bytes that are not valid in the
+    terminal's encoding on as lone surrogates, which no tokenizer, UTF-8 file or HTTP response can carry: refused."""
+    from ..paths import lone_surrogate
+
+    found = lone_surrogate(value)
+    if found:
+        raise argparse.ArgumentTypeError(f"holds {found[1]}, which is not text (a byte that is not valid "
+                                         f"{sys.getfilesystemencoding()}, or half of a UTF-16 pair)")
     return value
 
 

@@ -6,7 +6,7 @@ import argparse
 import sys
 
 from . import CLIError
-from .args import check_device, positive_float, positive_int, probability
+from .args import check_device, positive_float, positive_int, probability, text
 
 REPL_HELP = "commands: /image PATH (attach to the next message), /reset (clear history), /exit"
 
@@ -30,7 +30,7 @@ def register(sub) -> None:
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.__class__ = _IntermixedParser  # behaviour only, no new state
     p.add_argument("model_dir", metavar="MODEL_DIR", help="a saved Wings/LLaVA model directory")
-    p.add_argument("prompt", metavar="PROMPT", nargs="?", help="answer this once and exit")
+    p.add_argument("prompt", metavar="PROMPT", nargs="?", type=text, help="answer this once and exit")
     p.add_argument("--image", action="append", default=[], metavar="PATH", help="image for the first message")
     p.add_argument("--device", default="auto", help="auto (CUDA, then MPS, then CPU), cpu, cuda, cuda:1, mps")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
@@ -40,8 +40,8 @@ def register(sub) -> None:
     p.add_argument("--top-p", type=probability, default=None)
     p.add_argument("--top-k", type=positive_int, default=None)
     p.add_argument("--repetition-penalty", type=positive_float, default=None)
-    p.add_argument("--stop", action="append", default=[], metavar="TEXT", help="stop when this text appears")
-    p.add_argument("--system", default=None,
+    p.add_argument("--stop", action="append", default=[], metavar="TEXT", type=text, help="stop when this text appears")
+    p.add_argument("--system", default=None, type=text,
                    help="system prompt (default: none; 'You are a helpful assistant.' for compat=official models)")
     p.add_argument("--seed", type=int, default=None, help="random seed for sampling")
     p.add_argument("--no-stream", action="store_true", help="print each answer whole instead of token by token")

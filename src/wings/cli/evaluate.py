@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 
 from . import CLIError
-from .args import check_device, positive_int
+from .args import check_device, positive_int, text
 
 
 def register(sub) -> None:
@@ -20,7 +20,8 @@ def register(sub) -> None:
     p.add_argument("--max-new-tokens", type=positive_int, default=32, help="generation budget for open questions")
     p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
-    p.add_argument("--label", default=None, help="name shown in tables and plots (default: the directory name)")
+    p.add_argument("--label", default=None, type=text,
+                   help="name shown in tables and plots (default: the directory name)")
     p.set_defaults(func=run)
 
 

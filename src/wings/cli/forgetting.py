@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from .args import check_device, positive_int
+from .args import check_device, positive_int, text
 
 
 def register(sub) -> None:
@@ -12,8 +12,8 @@ def register(sub) -> None:
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--base", required=True, help="the base LLM directory (AutoModelForCausalLM + tokenizer)")
     p.add_argument("--model", action="append", required=True, help="an MLLM directory (repeatable)")
-    p.add_argument("--label", action="append", default=None, help="one label per --model, in order")
-    p.add_argument("--base-label", default=None, help="label of the base LLM (default: its directory name)")
+    p.add_argument("--label", action="append", default=None, type=text, help="one label per --model, in order")
+    p.add_argument("--base-label", default=None, type=text, help="label of the base LLM (default: its directory name)")
     p.add_argument("--task", action="append", required=True, metavar="FILE.jsonl", help="text-only task (repeatable)")
     p.add_argument("--out", default="forgetting", help="output directory")
     p.add_argument("--batch-size", type=positive_int, default=8)

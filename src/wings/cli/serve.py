@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 from . import CLIError
+from .args import text
 
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
 
@@ -16,7 +17,7 @@ def register(sub) -> None:
     p = sub.add_parser("serve", help="serve a model over the OpenAI chat-completions API, with a web page",
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("model_dir", metavar="MODEL_DIR", help="a saved Wings/LLaVA model directory")
-    p.add_argument("--host", default="127.0.0.1", help="address to listen on (loopback by default)")
+    p.add_argument("--host", default="127.0.0.1", type=text, help="address to listen on (loopback by default)")
     p.add_argument("--port", type=int, default=8000, help="port (0: any free port)")
     p.add_argument("--device", default="auto", help="auto (CUDA, then MPS, then CPU), cpu, cuda, cuda:1, mps")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
@@ -26,7 +27,7 @@ def register(sub) -> None:
                    help="most requests run together in one batched generate")
     p.add_argument("--max-queue", type=int, default=64, metavar="N",
                    help="most requests waiting per model; more get 429 with Retry-After")
-    p.add_argument("--api-key", default=None, metavar="KEY",
+    p.add_argument("--api-key", default=None, metavar="KEY", type=text,
                    help="require `Authorization: Bearer KEY` (default: the WINGS_API_KEY environment variable)")
     p.add_argument("--allow-local-images", default=None, metavar="DIR",
                    help="let requests name image files under DIR (otherwise only data URLs)")
@@ -36,11 +37,11 @@ def register(sub) -> None:
                    help="refuse images with more pixels (default: wings.images' limit, 64 Mpx)")
     p.add_argument("--default-max-tokens", type=int, default=256, metavar="N",
                    help="answer length when a request sets no max_tokens")
-    p.add_argument("--served-model-name", default=None, metavar="NAME",
+    p.add_argument("--served-model-name", default=None, metavar="NAME", type=text,
                    help="the model's name in the API (default: the directory's name)")
     p.add_argument("--compare", default=None, metavar="BASELINE_DIR",
                    help="also serve this model; the web page shows both answers side by side")
-    p.add_argument("--compare-name", default=None, metavar="NAME", help="the baseline's name in the API")
+    p.add_argument("--compare-name", default=None, metavar="NAME", type=text, help="the baseline's name in the API")
     p.add_argument("--ui", action=argparse.BooleanOptionalAction, default=True, help="serve the web page at /")
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     p.set_defaults(func=run)
@@ -77,9 +78,12 @@ def run(args) -> int:
     from transformers.utils import logging as hf_logging
 
     from ..images import DEFAULT_LIMITS
+    from ..paths import escaped, lone_surrogate
     from ..serving import ServedModel
 
     api_key = args.api_key or os.environ.get("WINGS_API_KEY") or None
+    if api_key and lone_surrogate(api_key):  # (a flag was checked by argparse; the variable was not)
+        raise CLIError("WINGS_API_KEY holds bytes that are not valid text in this system's encoding")
     if args.host not in LOOPBACK and not api_key:
         print(f"wings serve: warning: listening on {args.host} without an API key: anyone who can reach this "
               "address can use the model (set --api-key or WINGS_API_KEY)", file=sys.stderr)
@@ -99,7 +103,7 @@ def run(args) -> int:
     if args.compare:
         name = args.compare_name
         if name is None:
-            name = Path(args.compare).resolve().name
+            name = escaped(Path(args.compare).resolve().name)  # a folder name need not be UTF-8
             name = f"{name}-baseline" if name == models[0].name else name
         models.append(ServedModel.load(args.compare, name, args.device, args.dtype, policy))
     options = ServerOptions(api_key=api_key, max_batch_size=args.max_batch_size, max_queue=args.max_queue,

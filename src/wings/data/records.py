@@ -18,7 +18,7 @@ from pathlib import Path
 from PIL import Image
 
 from ..images import DEFAULT_LIMITS, ImageError, ImageLimits, check_size, open_image
-from ..paths import read_text, require_file
+from ..paths import lone_surrogate, read_text, require_file, surrogate_message
 from ..processing import IMAGE_TOKEN
 from .report import BadRecord, where
 
@@ -82,7 +82,12 @@ def iter_raw_records(path: str | Path) -> Iterator[tuple[str, object]]:
 
 
 def record_id(raw: object) -> object:
-    return raw.get("id") if isinstance(raw, dict) else None
+    """The record's `id` for messages and the report; an id that is not Unicode text (a lone surrogate) is given
+    with that character escaped (`bad \\ud800 id`), so the report stays writable as UTF-8."""
+    rid = raw.get("id") if isinstance(raw, dict) else None
+    if lone_surrogate(rid):
+        return str(rid).encode("utf-8", "backslashreplace").decode("utf-8")
+    return rid
 
 
 def _image_list(raw: dict) -> list[str]:
@@ -132,6 +137,9 @@ def normalize(raw: object, location: str, image_root: Path, default_system: str 
         raise raw
     if not isinstance(raw, dict):
         raise BadRecord("malformed_json", f"the record is a JSON {type(raw).__name__}, expected an object")
+    found = lone_surrogate(raw)  # text no tokenizer can take (a `\ud800` escape): the field is named
+    if found:
+        raise BadRecord("bad_unicode", surrogate_message(found))
     if "conversations" not in raw:
         raise BadRecord("bad_fields", "missing `conversations`")
     images = _image_list(raw)

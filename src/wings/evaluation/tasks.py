@@ -18,7 +18,7 @@ from PIL import Image
 from ..data.records import check_image
 from ..data.report import BadRecord
 from ..images import ImageError, open_image
-from ..paths import require_file
+from ..paths import lone_surrogate, require_file, surrogate_message
 from ..processing import IMAGE_TOKEN
 
 
@@ -102,6 +102,11 @@ def load_task(path: str | Path, name: str | None = None) -> Task:
 def parse_record(record, base_dir: Path, where: str) -> TaskItem:
     if not isinstance(record, dict):
         raise TaskError(f"{where}: a record must be a JSON object, got {type(record).__name__}")
+    found = lone_surrogate(record)  # a `\ud800` escape: no tokenizer (and no UTF-8 results file) can take it
+    if found:
+        rid = record.get("id")
+        named = f" (id {rid!r})" if isinstance(rid, str | int) and found[0] != "id" else ""
+        raise TaskError(f"{where}{named}: {surrogate_message(found)}")
     if "id" not in record or not isinstance(record["id"], str | int) or str(record["id"]) == "":
         raise TaskError(f"{where}: missing or empty field 'id'")
     rid = str(record["id"])

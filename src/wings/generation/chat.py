@@ -10,6 +10,7 @@ import torch
 from PIL import Image
 
 from ..images import open_image
+from ..paths import lone_surrogate
 from ..processing import IMAGE_TOKEN
 from .streaming import StreamResult, stream_generate
 
@@ -101,6 +102,13 @@ class ChatSession:
         self.pending.clear()
 
     def _turn(self, text: str) -> tuple[list[dict], list[Image.Image]]:
+        # Text that is not Unicode (a terminal byte its encoding does not allow reaches Python as a lone surrogate)
+        # would make the tokenizer raise a TypeError; refused as a bad turn instead.
+        for what, value in (("the message", text), ("the system prompt", self.system_prompt or "")):
+            found = lone_surrogate(value)
+            if found:
+                raise ValueError(f"{what} holds {found[1]}, which is not text (a byte that is not valid in the "
+                                 "terminal's encoding, or half of a UTF-16 pair); type it again")
         placeholders = text.count(IMAGE_TOKEN)
         if placeholders and placeholders != len(self.pending):
             raise ValueError(f"the prompt has {placeholders} `<image>` placeholders but {len(self.pending)} images "
