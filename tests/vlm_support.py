@@ -61,3 +61,14 @@ def randomize_wings_(model: torch.nn.Module, std: float = 0.3, seed: int = 0) ->
 
 def tiny(kind: str, seed: int = 0):
     return build_tiny_vlm(kind, seed=seed)
+
+
+def init_wings_dir(kind: str, out, stage: int = 1, rank: int = 4, seed: int = 0):
+    """A stage-0 Wings model directory of a tiny `kind` VLM (what `wings init-model --vlm` writes)."""
+    import wings.vlm as vlm
+
+    model, processor = build_tiny_vlm(kind, seed=seed)
+    vlm.attach(model, rank=rank, stage=stage)
+    model.save_pretrained(out)
+    vlm.save_processor(processor, out)
+    return out

@@ -145,3 +145,35 @@ def save_processor(processor, out_dir: str | Path) -> None:
     from .vlm.processor import save_processor as save
 
     save(processor, out_dir)
+
+
+def data_pipeline(model: nn.Module, processor, max_length: int, padding_side: str = "right"):
+    """(formatter, collator) for training data of this model: None (the Wings pipeline's own `WingsFormatter`)
+    and `WingsDataCollator` for a composed model; the stock-processor pipeline (wings.vlm.data) for a stock VLM."""
+    if getattr(model.config, "model_type", None) == "wings":
+        from .data import WingsDataCollator
+
+        return None, WingsDataCollator.from_processor(processor, padding_side=padding_side)
+    from .vlm.data import VLMDataCollator, VLMFormatter
+    from .vlm.registry import arch_for, base_model_type
+
+    arch = arch_for(base_model_type(model.config.model_type))
+    facts = model_facts(model)
+    pad = processor.tokenizer.pad_token_id
+    if pad is None:
+        pad = processor.tokenizer.eos_token_id
+    if pad is None:
+        raise ValueError("the tokenizer has neither a pad nor an end-of-sequence token to pad batches with")
+    formatter = VLMFormatter(processor, arch, list(facts.visual_ids), max_length)
+    return formatter, VLMDataCollator(int(pad), arch, padding_side)
+
+
+def describe_groups(model: nn.Module) -> str | None:
+    """For the start-of-run summary: what the `projector` and `vision_tower` groups are in a stock VLM."""
+    if getattr(model.config, "model_type", None) == "wings":
+        return None
+    from .vlm.registry import arch_for, base_model_type
+
+    arch = arch_for(base_model_type(model.config.model_type))
+    return (f"{arch.model_type}: projector = {arch.projector_note}; vision_tower = {', '.join(arch.vision)} "
+            f"(without the projector); llm = the rest outside the learners (text model, LM head)")

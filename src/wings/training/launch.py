@@ -16,9 +16,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from transformers import AutoProcessor, TrainingArguments, set_seed
+from transformers import TrainingArguments, set_seed
 
 from ..launch_env import keep_deepspeed_unloaded
+from ..model_kinds import describe_groups, load_processor
 from .config import TrainConfig, dump_config
 from .engines import (
     check_world_size,
@@ -102,21 +103,26 @@ def training_arguments(config: TrainConfig) -> TrainingArguments:
     return TrainingArguments(**kwargs)
 
 
-def build_data(config: TrainConfig, processor, context_length: int | None = None):
+def build_data(config: TrainConfig, processor, context_length: int | None = None, model=None):
     """The data pipeline's dataset + collator for `config.data`. `context_length`: the model's hard limit (the
-    position router's width); longer records are skipped at scan time, counted as `over_context`."""
+    position router's width); longer records are skipped at scan time, counted as `over_context`. `model`: whose
+    pipeline (a stock VLM's goes through its own processor: wings.vlm.data); None = a composed Wings model's."""
     from ..data import WingsDataCollator, build_dataset
+    from ..model_kinds import data_pipeline
 
     if not config.data.path:
         raise ValueError("data.path is empty: give a LLaVA JSON/JSONL file (--set data.path=FILE)")
     output_dir = Path(config.output_dir).expanduser()
+    formatter, collator = (None, WingsDataCollator.from_processor(processor)) if model is None else \
+        data_pipeline(model, processor, config.data.max_length)
     dataset = build_dataset(
         Path(config.data.path).expanduser(), processor, image_root=config.data.image_root,
         max_length=config.data.max_length, policy=config.data.policy,
         text_mix_path=config.data.text_mix_path, text_mix_ratio=config.data.text_mix_ratio, seed=config.train.seed,
         progress=is_main_process(), context_length=context_length, failure_log=output_dir / LOAD_FAILURES,
+        formatter=formatter,
     )
-    return dataset, WingsDataCollator.from_processor(processor)
+    return dataset, collator
 
 
 def train(config: TrainConfig, train_dataset=None, data_collator=None, callbacks: list | None = None) -> TrainResult:
@@ -134,10 +140,10 @@ def train(config: TrainConfig, train_dataset=None, data_collator=None, callbacks
         return finished_result(config, plan)
     set_seed(config.train.seed)  # fresh learners / router added on load draw from this
     model, trainable = prepare_model(config)
-    processor = AutoProcessor.from_pretrained(config.model.path)
+    processor = load_processor(config.model.path)
     output_dir = plan.output_dir
     if train_dataset is None:  # scanned before anything is written: bad data leaves an old run untouched
-        train_dataset, built_collator = build_data(config, processor, context_length=hard_context_length(model))
+        train_dataset, built_collator = build_data(config, processor, hard_context_length(model), model)
         data_collator = data_collator or built_collator
     args = training_arguments(config)  # after the model, as before (live ZeRO-3 arguments change how it loads)
     check_world_size(args.world_size)  # before anything is written
@@ -146,9 +152,9 @@ def train(config: TrainConfig, train_dataset=None, data_collator=None, callbacks
         dump_config(config, output_dir / "train_config.yaml")
         write_data_report(output_dir, train_dataset)
     if data_collator is None:
-        from ..data import WingsDataCollator
+        from ..model_kinds import data_pipeline
 
-        data_collator = WingsDataCollator.from_processor(processor)
+        data_collator = data_pipeline(model, processor, config.data.max_length)[1]
     lrs, wds = stage_learning_rates(config)
     recorder = LossRecorder()
     trainer = WingsTrainer(
@@ -165,6 +171,9 @@ def train(config: TrainConfig, train_dataset=None, data_collator=None, callbacks
         summary = ", ".join(f"{g} {n / 1e6:.3f}M @ lr {lrs[g]:g}" for g, n in sorted(trainable.items()))
         print(f"[wings train] stage {config.stage} ({engine}, {trainer.args.world_size} process(es)): "
               f"training {summary}", flush=True)
+        groups_note = describe_groups(model)
+        if groups_note:
+            print(f"[wings train] parameter groups of {groups_note}", flush=True)
     resume = plan.resume
     output = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
     if is_main_process():
@@ -207,10 +216,10 @@ def finished_result(config: TrainConfig, plan) -> TrainResult:
 
 def hard_context_length(model) -> int | None:
     """Tokens a sample may have: the position router has one column per position and none beyond its width."""
-    config = model.config
-    if config.mode == "wings" and config.use_router and config.router_type == "position":
-        return int(config.router_width)
-    return None
+    from ..model_kinds import model_facts
+
+    facts = model_facts(model)
+    return facts.context_length if facts.use_router and facts.router_type == "position" else None
 
 
 def write_data_report(output_dir: Path, dataset) -> None:

@@ -87,6 +87,28 @@ class WingsTrainer(Trainer):
                     result = result + anchor
         return result
 
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
+        # transformers 5.24 saves a checkpoint under the model's on-disk names (the stock VLM classes revert their
+        # key renamings: `model.language_model.*` -> `language_model.model.*`), but the Trainer's resume loads it
+        # with `load_state_dict(..., strict=False)` under the in-memory names: nothing matches, a warning is logged
+        # and training silently continues from the start weights. Load such checkpoints under the right names and
+        # refuse any mismatch.
+        model = self.model if model is None else model
+        names = checkpoint_names(model) if not (self.is_fsdp_enabled or self.is_deepspeed_enabled) else None
+        files = sorted(Path(resume_from_checkpoint).glob("model*.safetensors"))
+        if names is None or not files:
+            return super()._load_from_checkpoint(resume_from_checkpoint, model)
+        from safetensors.torch import load_file
+
+        state = {names.get(key, key): tensor for file in files for key, tensor in load_file(str(file)).items()}
+        result = model.load_state_dict(state, strict=False)
+        tied = set(tied_parameter_names(model))
+        missing = [k for k in result.missing_keys if k not in tied]
+        if missing or result.unexpected_keys:
+            raise ValueError(f"checkpoint {resume_from_checkpoint} does not fit the model: missing {missing[:3]} "
+                             f"({len(missing)}), unexpected {result.unexpected_keys[:3]} "
+                             f"({len(result.unexpected_keys)})")
+
     def _save_rng_state(self, output_dir: str) -> None:
         super()._save_rng_state(output_dir)
         # Each rank writes its own part of a checkpoint (its RNG state; ZeRO / FSDP shards) and rank 0 then writes
@@ -104,6 +126,25 @@ class WingsTrainer(Trainer):
         if not params:
             return None
         return sum(p.sum() for p in params) * 0.0
+
+
+def checkpoint_names(model) -> dict[str, str] | None:
+    """{on-disk name: in-memory name} for a model whose `save_pretrained` renames its weights (stock VLMs), None
+    when it saves them under their own names or converts them beyond renaming."""
+    from transformers.core_model_loading import revert_weight_conversion
+
+    markers = {name: torch.empty(0) for name in model.state_dict()}  # distinct objects: renaming keeps identity
+    reverted = revert_weight_conversion(model, dict(markers))
+    memory_name = {id(t): name for name, t in markers.items()}
+    names = {disk: memory_name.get(id(t)) for disk, t in reverted.items()}
+    if any(v is None for v in names.values()) or all(disk == name for disk, name in names.items()):
+        return None
+    return names
+
+
+def tied_parameter_names(model) -> list[str]:
+    """Parameters a checkpoint leaves out because they are tied to another (e.g. the LM head to the embeddings)."""
+    return list(getattr(model, "all_tied_weights_keys", None) or {})  # (what transformers ties for this config)
 
 
 class LossRecorder(TrainerCallback):

@@ -36,7 +36,14 @@ def images_only(cls: type) -> type:
                              "Wings serves images and text")
         return cls.__call__(self, *args, **kwargs)
 
+    def save_pretrained(self, save_directory, **kwargs):
+        """The stock layout (image processor, tokenizer, processor config naming the stock class, chat template),
+        with nothing for the missing video processor. HF's Trainer calls this for every checkpoint."""
+        _save_images_only(self, Path(save_directory))
+        return []
+
     namespace = {"check_argument_for_proper_class": check_argument_for_proper_class, "__call__": __call__,
+                 "save_pretrained": save_pretrained,
                  "__module__": cls.__module__, "__qualname__": cls.__qualname__, "wings_images_only": True,
                  "__doc__": f"{cls.__name__} without its video processor (wings.vlm.processor)."}
     return type(cls.__name__, (cls,), namespace)  # the stock name: saved configs name the stock class
@@ -65,11 +72,12 @@ def load_processor(path: str | Path):
 
 
 def save_processor(processor, out_dir: str | Path) -> None:
-    """`processor.save_pretrained`, in the stock layout also for a processor built by `images_only`."""
-    out = Path(out_dir)
-    if not getattr(processor, "wings_images_only", False):
-        processor.save_pretrained(out)
-        return
+    """`processor.save_pretrained`: the stock layout, also for a processor built by `images_only`."""
+    processor.save_pretrained(Path(out_dir))
+
+
+def _save_images_only(processor, out: Path) -> None:
+    out.mkdir(parents=True, exist_ok=True)
     processor.image_processor.save_pretrained(out)
     processor.tokenizer.save_pretrained(out)
     settings = processor.to_dict()
