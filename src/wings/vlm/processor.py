@@ -89,10 +89,21 @@ def _save_images_only(processor, out: Path) -> None:
         (out / "chat_template.jinja").write_text(processor.chat_template)
 
 
+def _file(path: Path, name: str) -> Path | None:
+    """A file of a model directory, or of a hub repository (through the local cache / a download)."""
+    if path.is_dir():
+        return path / name if (path / name).is_file() else None
+    from transformers.utils import cached_file
+
+    found = cached_file(str(path), name, _raise_exceptions_for_missing_entries=False,
+                        _raise_exceptions_for_connection_errors=False)
+    return Path(found) if found else None
+
+
 def _processor_class_name(path: Path) -> str | None:
     for name in ("processor_config.json", "preprocessor_config.json", "tokenizer_config.json"):
-        file = path / name
-        if file.is_file():
+        file = _file(path, name)
+        if file is not None:
             data = json.loads(file.read_text(encoding="utf-8"))
             if isinstance(data, dict) and data.get("processor_class"):
                 return str(data["processor_class"])
@@ -100,8 +111,8 @@ def _processor_class_name(path: Path) -> str | None:
 
 
 def _processor_settings(path: Path) -> dict:
-    file = path / "processor_config.json"
-    if not file.is_file():
+    file = _file(path, "processor_config.json")
+    if file is None:
         return {}
     data = json.loads(file.read_text(encoding="utf-8"))
     if not isinstance(data, dict):
@@ -110,11 +121,28 @@ def _processor_settings(path: Path) -> dict:
 
 
 def _chat_template(path: Path) -> str | None:
-    jinja = path / "chat_template.jinja"
-    if jinja.is_file():
+    jinja = _file(path, "chat_template.jinja")
+    if jinja is not None:
         return jinja.read_text(encoding="utf-8")
-    legacy = path / "chat_template.json"
-    if legacy.is_file():
+    legacy = _file(path, "chat_template.json")
+    if legacy is not None:
         data = json.loads(legacy.read_text(encoding="utf-8"))
         return data.get("chat_template") if isinstance(data, dict) else None
     return None
+
+
+def check_fits(processor, visual_ids: list[int], vocab_size: int, where: str = "the processor") -> None:
+    """Refuse a processor whose image placeholder the model does not take as an image, or whose tokenizer has ids
+    beyond the model's embedding table (the model would fail deep inside its forward instead)."""
+    token = getattr(processor, "image_token", None)
+    tokenizer = processor.tokenizer
+    if token is not None:
+        token_id = tokenizer.convert_tokens_to_ids(token)
+        if token_id is None or token_id == tokenizer.unk_token_id or token not in tokenizer.get_vocab():
+            raise ValueError(f"{where}: its image token {token!r} is not in its tokenizer's vocabulary")
+        if token_id not in visual_ids:
+            raise ValueError(f"{where}: its image token {token!r} has id {token_id}, but the model fills image "
+                             f"features at ids {visual_ids}; the processor belongs to another model")
+    if len(tokenizer) > vocab_size:
+        raise ValueError(f"{where}: its tokenizer has {len(tokenizer)} tokens but the model's embedding table "
+                         f"only {vocab_size}; the processor belongs to another model")
