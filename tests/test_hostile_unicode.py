@@ -163,3 +163,34 @@ def test_results_holding_text_that_is_not_unicode_are_written_with_escapes(tmp_p
     assert [json.loads(line) for line in lines] == [data, {"note": "plain caf\u00e9"}]
     assert "caf\u00e9" in lines[1]  # text that is Unicode is still written as text
 
+
+
+def test_inputs_at_paths_that_are_not_utf8_work_end_to_end(tmp_path, capsys, monkeypatch, tiny_model_dir):
+    """A file name that is not UTF-8 (Latin-1 `caf\\xe9`) is a valid path: its name reaches Python as a lone
+    surrogate, and the run identity, the data report and the results, which name it, used to fail to write
+    (`'utf-8' codec can't encode character '\\udce9'`) after the model had been loaded."""
+    import io
+    import os
+    import sys
+
+    from wings.cli import main
+
+    folder = tmp_path / os.fsdecode(b"caf\xe9")
+    data = write_json(folder / "train.json", llava_records(2))
+    tasks = write_jsonl(folder / "t.jsonl", [OK])
+    assert_ok(wings(capsys, *train_args(tiny_model_dir, data, tmp_path / "run", steps=1)))
+    identity = json.loads((tmp_path / "run" / "run_identity.json").read_text(encoding="utf-8"))
+    assert str(data.resolve()) in json.dumps(identity, ensure_ascii=False)  # the same path, read back
+    rerun = assert_ok(wings(capsys, *train_args(tiny_model_dir, data, tmp_path / "run", "--resume", "auto",
+                                                steps=1)))
+    assert "nothing to do" in rerun.out  # the identity read back equals the one computed now
+    # `wings eval` ends with `wrote PATH` on stdout: a strict UTF-8 stdout (a UTF-8 terminal; pytest's capture) could
+    # not encode it; the path is printed back as the bytes it was, as `ls` prints it.
+    stdout = io.TextIOWrapper(io.BytesIO(), encoding="utf-8", errors="strict")
+    monkeypatch.setattr(sys, "stdout", stdout)
+    assert main(["eval", str(tiny_model_dir), "--device", "cpu", "--task", str(tasks), "--out",
+                 str(folder / "r.json")]) == 0
+    stdout.flush()
+    assert b"caf\xe9/r.json" in stdout.buffer.getvalue()
+    results = json.loads((folder / "r.json").read_text(encoding="utf-8"))
+    assert results["tasks"]["t"]["n"] == 1

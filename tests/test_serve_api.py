@@ -331,3 +331,40 @@ def test_the_pages_image_check_answers_4xx(server, body, param, words):
     assert reply.status_code == 400, reply.text[:300]
     error = reply.json()["error"]
     assert words in error["message"] and error["param"] == param
+
+
+def test_remote_image_urls_that_cannot_be_fetched_are_400s(wings_pair):
+    """With --allow-remote-images, a malformed URL (a ValueError inside urllib) or a peer that does not speak HTTP
+    (http.client.BadStatusLine, no OSError) used to be a 500."""
+    import socket
+
+    peer = socket.socket()
+    peer.bind(("127.0.0.1", 0))
+    peer.listen(4)
+    peer.settimeout(30)
+
+    def talk_nonsense():
+        for _ in range(2):  # the plain request and the streamed one
+            try:
+                conn, _ = peer.accept()
+            except OSError:
+                return
+            with conn:
+                conn.recv(4096)
+                conn.sendall(b"HELLO THERE\r\n\r\n")
+
+    talker = threading.Thread(target=talk_nonsense, daemon=True)
+    talker.start()
+    policy = ServingPolicy(allow_remote_images=True)
+    try:
+        with running([("tiny-wings", wings_pair)], policy=policy) as (url, _):
+            for source, words in ((f"http://127.0.0.1:{peer.getsockname()[1]}/x.png", "BadStatusLine"),
+                                  ("http://[::1/x.png", "Invalid IPv6 URL")):
+                for stream in (False, True):
+                    body = {"messages": user("what?", source), "max_tokens": 2, "stream": stream}
+                    reply = requests.post(url + "/v1/chat/completions", json=body, timeout=60)
+                    assert reply.status_code == 400, reply.text[:300]
+                    assert "cannot be fetched" in reply.json()["error"]["message"] and words in reply.text
+    finally:
+        peer.close()
+        talker.join(30)

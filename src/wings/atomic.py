@@ -61,9 +61,21 @@ def write_text_atomic(path: str | Path, text: str) -> Path:
     return Path(path)
 
 
+def json_text(data, indent: int | None = None, default: Callable | None = None) -> str:
+    """JSON with non-ASCII text kept as text. A document holding text that is not Unicode (a path whose name is not
+    UTF-8 reaches Python as lone surrogates) is written with `\\uXXXX` escapes instead, which JSON allows and which
+    read back to the same str; UTF-8 could not encode it at all."""
+    text = json.dumps(data, indent=indent, ensure_ascii=False, default=default)
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return json.dumps(data, indent=indent, default=default)
+    return text
+
+
 def write_json_atomic(path: str | Path, data, indent: int | None = 2) -> Path:
-    """JSON (UTF-8, non-ASCII kept, unknown types via str) with a trailing newline, written atomically."""
-    return write_text_atomic(path, json.dumps(data, indent=indent, ensure_ascii=False, default=str) + "\n")
+    """JSON (UTF-8, non-ASCII kept, unknown types via str; see `json_text`) with a trailing newline, atomically."""
+    return write_text_atomic(path, json_text(data, indent, default=str) + "\n")
 
 
 def write_with_atomic(path: str | Path, write: Callable[[Path], None]) -> Path:

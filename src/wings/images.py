@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import http.client
 import io
 import os
 import urllib.request
@@ -163,8 +164,8 @@ def _download(url: str, name: str, limits: ImageLimits, timeout: float) -> bytes
     try:
         with urllib.request.urlopen(url, timeout=timeout) as response:  # noqa: S310 (scheme checked above)
             data = response.read(limits.max_bytes + 1)
-    except OSError as err:
-        raise ImageError(name, f"cannot be fetched ({err})", "unreadable") from None
+    except (OSError, ValueError, http.client.HTTPException) as err:  # ValueError: a malformed URL or port
+        raise ImageError(name, f"cannot be fetched ({type(err).__name__}: {err})", "unreadable") from None
     if len(data) > limits.max_bytes:
         raise ImageError(name, f"is over the limit of {limits.max_bytes:,} bytes", "too_large")
     return data

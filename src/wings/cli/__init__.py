@@ -49,6 +49,7 @@ def run(args: argparse.Namespace) -> int:
     from .errors import Terminated, close_progress_bars, message_for, sigterm_as_exception
 
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    print_paths_as_given()
     name = " ".join(filter(None, [args.command, getattr(args, "iit_command", None)]))
     try:
         with sigterm_as_exception():
@@ -83,3 +84,15 @@ def refuse_multi_process_launch(command: str) -> None:
         raise CLIError(f"this command runs in one process, but a launcher started {world} ({launcher_variables()}): "
                        "each would run it whole and write the same outputs; run it without torchrun / accelerate "
                        "launch / mpirun (only `wings train` runs across processes)")
+
+
+def print_paths_as_given() -> None:
+    """A path whose name is not UTF-8 (Latin-1 `caf\\xe9`) reaches Python as a lone surrogate, and printing it to a
+    strict UTF-8 stdout (`wrote PATH`) would fail after the work is done: print such names back as the bytes they
+    were, as `ls` does. (stderr already escapes them.)"""
+    stream = sys.stdout
+    if getattr(stream, "errors", None) == "strict" and hasattr(stream, "reconfigure"):
+        try:
+            stream.reconfigure(errors="surrogateescape")
+        except (ValueError, OSError):  # a stream that cannot change now: leave it
+            pass

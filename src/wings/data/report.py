@@ -138,8 +138,10 @@ def log_load_failure(log: Path | None, location: str, record_id, error: BadRecor
     dataloader workers or ranks do not interleave)."""
     if log is None:
         return
-    line = json.dumps({"location": location, "id": record_id, "reason": error.reason, "detail": error.detail},
-                      ensure_ascii=False, default=str) + "\n"
+    from ..atomic import json_text  # (a path that is not UTF-8 is written escaped)
+
+    line = json_text({"location": location, "id": record_id, "reason": error.reason, "detail": error.detail},
+                     default=str) + "\n"
     log.parent.mkdir(parents=True, exist_ok=True)
     fd = os.open(log, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
     try:
