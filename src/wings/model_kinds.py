@@ -177,3 +177,12 @@ def describe_groups(model: nn.Module) -> str | None:
     arch = arch_for(base_model_type(model.config.model_type))
     return (f"{arch.model_type}: projector = {arch.projector_note}; vision_tower = {', '.join(arch.vision)} "
             f"(without the projector); llm = the rest outside the learners (text model, LM head)")
+
+
+def language_model(model: nn.Module) -> nn.Module:
+    """The model's LLM (a module whose `layers`, or `model.layers`, are the decoder layers)."""
+    if getattr(model.config, "model_type", None) == "wings":
+        return model.language_model
+    from .vlm.registry import arch_for, base_model_type, resolve
+
+    return resolve(model, arch_for(base_model_type(model.config.model_type)).text_model)

@@ -21,11 +21,12 @@ from contextlib import contextmanager
 import torch
 from tqdm.auto import tqdm
 
+from ..model_kinds import language_model, model_facts
 from ..modeling.inject import decoder_layers
 from ..modeling.router import SEG_IMAGE, SEG_TEXT_AFTER, SEG_TEXT_BEFORE
 from ..modeling.state import token_segments
+from ..vlm.registry import visual_mask
 from .models import EvalModel
-from .scoring import _left_pad, _pixels
 from .tasks import Task
 
 SEGMENTS = {"text_before": SEG_TEXT_BEFORE, "image": SEG_IMAGE, "text_after": SEG_TEXT_AFTER}
@@ -37,13 +38,16 @@ def main_attention_modules(llm) -> list[torch.nn.Module]:
     return [layer.self_attn for layer in decoder_layers(llm)]
 
 
-def segment_ids(input_ids: torch.Tensor, mask: torch.Tensor, image_token_id: int,
-                image_seq_length: int) -> torch.Tensor:
-    """[B, S] SEG_* per key. Multi-image inputs: only the first image's span counts as the image; tokens of later
-    images belong to no segment (SEG_PAD), and text after the first image is `text_after`."""
-    is_image = input_ids == image_token_id
+def segment_ids(input_ids: torch.Tensor, mask: torch.Tensor, visual_ids: list[int],
+                image_span: int | None) -> torch.Tensor:
+    """[B, S] SEG_* per key. Multi-image inputs of a composed model (`image_span` tokens per image): only the first
+    image's span counts as the image; tokens of later images belong to no segment (SEG_PAD), and text after the
+    first image is `text_after`. A stock VLM's images vary in length (tiles, grids): all its image tokens count."""
+    is_image = visual_mask(input_ids, visual_ids)
     seg = token_segments(is_image, mask.bool(), None)
-    later_image = is_image & (is_image.long().cumsum(dim=1) > image_seq_length)
+    if image_span is None:
+        return seg
+    later_image = is_image & (is_image.long().cumsum(dim=1) > image_span)
     return seg.masked_fill(later_image, 0)
 
 
@@ -83,20 +87,21 @@ class LawsRecorder:
 
 
 @contextmanager
-def eager_attention(model):
-    """Switch the model to eager attention (weights are only returned there) and restore it afterwards."""
-    llm_config = model.language_model.config
+def eager_attention(model, llm):
+    """Switch the model to eager attention (weights are only returned there) and restore it afterwards; `llm` is
+    its language model, which composite models may not switch along."""
+    llm_config = llm.config
     previous = llm_config._attn_implementation
     model.set_attn_implementation("eager")
-    if llm_config._attn_implementation != "eager":  # composite models may not propagate to the LLM
-        model.language_model.set_attn_implementation("eager")
+    if llm_config._attn_implementation != "eager":
+        llm.set_attn_implementation("eager")
     try:
         yield model
     finally:
         if previous and previous != "eager":
             model.set_attn_implementation(previous)
             if llm_config._attn_implementation != previous:
-                model.language_model.set_attn_implementation(previous)
+                llm.set_attn_implementation(previous)
 
 
 def pearson(x: list[float], y: list[float]) -> float | None:
@@ -125,20 +130,20 @@ def compute_laws(em: EvalModel, task: Task, queries: str = "all", batch_size: in
     for item in items:
         if not item.all_images:
             raise ValueError(f"{task.path} record {item.id!r} has no image; LAWS needs one image per record")
-    config = em.model.config
-    recorder = LawsRecorder(main_attention_modules(em.model.language_model))
+    llm = language_model(em.model)
+    recorder = LawsRecorder(main_attention_modules(llm))
+    image_span = em.model.config.image_seq_length if em.model.config.model_type == "wings" else None
     per_item: list[dict] = []
     bar = tqdm(total=len(items), desc=f"LAWS {em.name}", disable=not progress)
-    with eager_attention(em.model), recorder:
+    visual_ids = list(model_facts(em.model).visual_ids)
+    with eager_attention(em.model, llm), recorder:
         for start in range(0, len(items), batch_size):
             batch = items[start:start + batch_size]
-            prompts = [em.encode_item(item)[0] for item in batch]
-            ids, mask, positions = _left_pad([p.ids for p in prompts], em.pad_id, em.device)
-            segments = segment_ids(ids, mask, config.image_token_id, config.image_seq_length)
-            query_mask = mask.bool() if queries == "all" else segments == SEG_TEXT_AFTER
+            inputs = em.batch([em.encode_item(item)[0] for item in batch])
+            segments = segment_ids(inputs["input_ids"], inputs["attention_mask"], visual_ids, image_span)
+            query_mask = inputs["attention_mask"].bool() if queries == "all" else segments == SEG_TEXT_AFTER
             recorder.set_batch(segments, query_mask)
-            em.model(input_ids=ids, attention_mask=mask, position_ids=positions,
-                     pixel_values=_pixels(prompts, em.device), use_cache=False, logits_to_keep=1)
+            em.model(**inputs, use_cache=False, logits_to_keep=1)
             masses = torch.stack(recorder.masses, dim=1).cpu()  # [B, L, 3]
             for item, m in zip(batch, masses, strict=True):
                 laws = {name: m[:, k].tolist() for k, name in enumerate(SEGMENTS)}

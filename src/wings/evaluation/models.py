@@ -1,28 +1,24 @@
-"""Load what `wings eval` scores: a Wings/LLaVA-mode MLLM directory or a plain HF causal LM, behind one interface.
+"""Load what `wings eval` scores: a Wings/LLaVA-mode MLLM, a stock VLM with Wings attached (or plain), or a plain
+HF causal LM, behind one interface.
 
-Both render prompts with the same chat template (the processor's for MLLMs; the tokenizer's own for LLMs, or
-ChatML when it has none), so a base LLM and the MLLMs built on it see identical text-only prompts.
+All render prompts with the same chat template mechanics (the processor's template for MLLMs; the tokenizer's own
+for LLMs, or ChatML when it has none), so a base LLM and the MLLMs built on it see identical text-only prompts.
+MLLM prompts are encoded and batched by the model's codec (wings.prompting).
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
 from ..processing import CHATML_TEMPLATE
+from ..prompting import Codec, Prompt, codec_for
 from .tasks import TaskError, TaskItem, messages, open_images
 
 _SENTINEL = "\u2063WINGS_REPLY\u2063"  # invisible separator: never part of a template's own text
-
-
-@dataclass
-class Prompt:
-    """An encoded prompt: token ids (images expanded) and the pixel values of its images, if any."""
-
-    ids: list[int]
-    pixel_values: torch.Tensor | None = None
 
 
 @dataclass
@@ -34,9 +30,11 @@ class EvalModel:
     name: str
     path: Path
     end_of_turn: str = field(init=False, default="")
+    codec: Codec | None = field(init=False, default=None)
 
     def __post_init__(self) -> None:
         self.end_of_turn = self._find_end_of_turn()
+        self.codec = codec_for(self.model, self.processor) if self.processor is not None else None
 
     @property
     def multimodal(self) -> bool:
@@ -105,8 +103,22 @@ class EvalModel:
             raise TaskError(f"record {what!r} has images but {self.name} is a text-only LLM")
         if not self.multimodal:
             return Prompt(self.encode_text(text))
-        out = self.processor(text=[text], images=[images] if images else None, padding=False)
-        return Prompt(out["input_ids"][0].tolist(), out.get("pixel_values"))
+        return self.codec.encode(chat, images)
+
+    def batch(self, prompts: Sequence[Prompt]) -> dict[str, torch.Tensor]:
+        """Left-padded model inputs of `prompts` on the model's device (true positions; the pixels joined)."""
+        if self.codec is not None:
+            return self.codec.batch(prompts, self.device)
+        width = max(len(p.ids) for p in prompts)
+        ids = torch.full((len(prompts), width), self.pad_id, dtype=torch.long)
+        mask = torch.zeros((len(prompts), width), dtype=torch.long)
+        for row, p in enumerate(prompts):
+            ids[row, width - len(p.ids):] = torch.tensor(p.ids, dtype=torch.long)
+            mask[row, width - len(p.ids):] = 1
+        # True positions (padding does not shift them): plain HF LLMs would otherwise count from the buffer start.
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        return {"input_ids": ids.to(self.device), "attention_mask": mask.to(self.device),
+                "position_ids": positions.to(self.device)}
 
 
 def model_type_of(path: str | Path, what: str = "model directory", kind: str = "any") -> str:
@@ -122,24 +134,21 @@ def default_device() -> str:
 
 def load_eval_model(path: str | Path, device: str | None = None, dtype: str = "float32",
                     label: str | None = None, what: str = "model directory", kind: str = "any") -> EvalModel:
-    """`model_type == "wings"` -> AutoModelForImageTextToText + AutoProcessor; anything else -> a causal LM.
-    `what` names the directory in messages; `kind="wings"` refuses anything but a Wings model before loading."""
-    from transformers import (
-        AutoModelForCausalLM,
-        AutoModelForImageTextToText,
-        AutoProcessor,
-        AutoTokenizer,
-    )
+    """A Wings model (composed, or a stock VLM with Wings attached) or a stock VLM -> the model and its processor;
+    anything else -> a causal LM. `what` names the directory in messages; `kind="wings"` refuses anything but a
+    Wings model before loading."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    import wings  # noqa: F401  (registers the Wings Auto classes)
+    from ..model_kinds import is_vlm_type, load_model, load_processor
 
     path = Path(path)
     torch_dtype = getattr(torch, dtype, None)
     if not isinstance(torch_dtype, torch.dtype):
         raise ValueError(f"unknown dtype {dtype!r}; use float32, bfloat16 or float16")
-    if model_type_of(path, what, kind) == "wings":
-        model = AutoModelForImageTextToText.from_pretrained(path, dtype=torch_dtype)
-        processor = AutoProcessor.from_pretrained(path)
+    model_type = model_type_of(path, what, kind)
+    if model_type == "wings" or is_vlm_type(model_type):
+        model = load_model(path, dtype=torch_dtype)
+        processor = load_processor(path)
         tokenizer, template = processor.tokenizer, processor.chat_template or CHATML_TEMPLATE
     else:
         model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype)

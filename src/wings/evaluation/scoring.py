@@ -1,20 +1,25 @@
 """The two scorers: log-likelihood of continuations (multiple choice) and greedy generation (open questions).
 
-Both take already-encoded prompts (`Prompt`: ids + pixel values) so the same code serves `wings eval`, the
-forgetting report and the lm-evaluation-harness adapter, for MLLMs and plain causal LMs alike.
+Both take already-encoded prompts (`Prompt`: ids + pixel tensors, wings.prompting) so the same code serves
+`wings eval`, the forgetting report and the lm-evaluation-harness adapter, for MLLMs and plain causal LMs alike.
 """
 
 from __future__ import annotations
 
-import re
-import string
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 from tqdm.auto import tqdm
 
-from .models import EvalModel, Prompt
+from .answers import exact_match, normalise_answer
+
+if TYPE_CHECKING:
+    from .models import EvalModel, Prompt
+
+__all__ = ["Loglikelihood", "LoglikelihoodRequest", "exact_match", "generate", "loglikelihoods",
+           "normalise_answer"]
 
 
 @dataclass
@@ -28,24 +33,6 @@ class Loglikelihood:
     logprob: float  # sum over continuation tokens
     is_greedy: bool  # every continuation token is the argmax
     n_tokens: int
-
-
-def _left_pad(seqs: Sequence[list[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Left padding puts every sequence's end at the same index: continuations are the last columns."""
-    width = max(len(s) for s in seqs)
-    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(seqs), width), dtype=torch.long)
-    for row, s in enumerate(seqs):
-        ids[row, width - len(s):] = torch.tensor(s, dtype=torch.long)
-        mask[row, width - len(s):] = 1
-    # True positions (padding does not shift them): plain HF LLMs would otherwise count from the buffer start.
-    positions = (mask.cumsum(-1) - 1).clamp(min=0)
-    return ids.to(device), mask.to(device), positions.to(device)
-
-
-def _pixels(prompts: Sequence[Prompt], device) -> torch.Tensor | None:
-    pix = [p.pixel_values for p in prompts if p.pixel_values is not None]
-    return torch.cat(pix).to(device) if pix else None
 
 
 def _batches(order: list[int], batch_size: int) -> list[list[int]]:
@@ -66,11 +53,9 @@ def loglikelihoods(em: EvalModel, requests: Sequence[LoglikelihoodRequest], batc
     bar = tqdm(total=len(requests), desc=desc, disable=not progress, leave=False)
     for batch in _batches(order, batch_size):
         reqs = [requests[i] for i in batch]
-        ids, mask, positions = _left_pad([r.prompt.ids + r.continuation for r in reqs], em.pad_id, em.device)
+        inputs = em.batch([r.prompt.extended(r.continuation) for r in reqs])  # left padding: continuations last
         keep = max(len(r.continuation) for r in reqs) + 1  # logits only where continuations are predicted
-        kwargs = {"pixel_values": _pixels([r.prompt for r in reqs], em.device)} if em.multimodal else {}
-        out = em.model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=False,
-                       logits_to_keep=keep, **kwargs)
+        out = em.model(**inputs, use_cache=False, logits_to_keep=keep)
         logprobs = torch.log_softmax(out.logits[:, -keep:].float(), dim=-1)  # [B, keep, V]
         for row, (i, r) in enumerate(zip(batch, reqs, strict=True)):
             c = len(r.continuation)
@@ -95,13 +80,11 @@ def generate(em: EvalModel, prompts: Sequence[Prompt], max_new_tokens: int = 32,
     bar = tqdm(total=len(prompts), desc=desc, disable=not progress, leave=False)
     for batch in _batches(order, batch_size):
         ps = [prompts[i] for i in batch]
-        ids, mask, _ = _left_pad([p.ids for p in ps], em.pad_id, em.device)
-        kwargs = {"pixel_values": _pixels(ps, em.device)} if em.multimodal else {}
-        out = em.model.generate(
-            input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False,
-            eos_token_id=stop_ids or None, pad_token_id=em.pad_id, **kwargs,
-        )
-        new = out[:, ids.shape[1]:]
+        inputs = em.batch(ps)
+        inputs.pop("position_ids", None)  # generate derives them from the mask, step by step
+        out = em.model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False,
+                                eos_token_id=stop_ids or None, pad_token_id=em.pad_id)
+        new = out[:, inputs["input_ids"].shape[1]:]
         for i, row in zip(batch, new, strict=True):
             # Cut at the first stop token by hand: skip_special_tokens alone would keep text generated after it.
             tokens = row.tolist()
@@ -117,19 +100,3 @@ def generate(em: EvalModel, prompts: Sequence[Prompt], max_new_tokens: int = 32,
         bar.update(len(batch))
     bar.close()
     return texts
-
-
-_ARTICLES = re.compile(r"\b(a|an|the)\b")
-_PUNCT = str.maketrans("", "", string.punctuation)
-
-
-def normalise_answer(text: str) -> str:
-    """SQuAD-style: lowercase, drop punctuation and the articles a/an/the, collapse whitespace."""
-    text = text.lower().translate(_PUNCT)
-    text = _ARTICLES.sub(" ", text)
-    return " ".join(text.split())
-
-
-def exact_match(prediction: str, answers: Sequence[str]) -> bool:
-    pred = normalise_answer(prediction)
-    return any(pred == normalise_answer(a) for a in answers)

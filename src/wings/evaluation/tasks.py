@@ -20,6 +20,7 @@ from ..data.report import BadRecord
 from ..images import ImageError, open_image
 from ..paths import lone_surrogate, require_file, surrogate_message
 from ..processing import IMAGE_TOKEN
+from .answers import normalise_answer
 
 
 class TaskError(ValueError):
@@ -158,7 +159,6 @@ def parse_record(record, base_dir: Path, where: str) -> TaskItem:
     if not answers or not all(isinstance(a, str | int | float) and not isinstance(a, bool) and str(a).strip()
                               for a in answers):
         raise fail("'answer' must be a non-empty string (or a list of them) for an open question")
-    from .scoring import normalise_answer  # (scoring imports this module)
 
     for a in answers:
         if not normalise_answer(str(a)):

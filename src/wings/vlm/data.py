@@ -188,14 +188,15 @@ class VLMDataCollator:
                 batch[key] = torch.stack([self._pad(item[key], value, length) for item in items])
         pixel_keys = sorted({k for item in items for k in item if k not in TEXT_KEYS})
         for key in pixel_keys:
-            batch[key] = self._pixels(key, [item.get(key) for item in items])
+            batch[key] = self.join_pixels(key, [item.get(key) for item in items])
         return batch
 
     def _pad(self, row: torch.Tensor, value: int, length: int) -> torch.Tensor:
         pad = (0, length - len(row)) if self.padding_side == "right" else (length - len(row), 0)
         return F.pad(row, pad, value=value)
 
-    def _pixels(self, key: str, values: list[torch.Tensor | None]) -> torch.Tensor:
+    def join_pixels(self, key: str, values: list[torch.Tensor | None]) -> torch.Tensor:
+        """One pixel tensor of the batch from each sample's (None: a sample without images)."""
         present = [v for v in values if v is not None]
         if key in COUNT_KEYS:
             return torch.cat([v if v is not None else present[0].new_zeros(present[0].shape) for v in values])
