@@ -15,7 +15,7 @@ from pathlib import Path
 
 from .paths import read_json, require_dir
 
-KINDS = ("wings", "causal_lm", "vision", "vlm", "any")
+KINDS = ("wings", "mllm", "causal_lm", "vision", "vlm", "any")
 JSON_FILES = ("config.json", "generation_config.json", "tokenizer_config.json", "special_tokens_map.json",
               "processor_config.json", "preprocessor_config.json")
 INDEX_FILES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
@@ -82,9 +82,14 @@ def check_model_dir(path: str | Path, what: str, kind: str = "wings", weights: b
         _require_stock_vlm(path, config, what)
     elif is_wings_type(model_type):
         _require_wings(path, config, what)
+    elif model_type in _vlm_types()[0]:  # a stock VLM: the baseline Wings attaches to
+        _require_stock_vlm(path, config, what)
+    elif kind == "mllm":
+        raise ValueError(f"{what} {path} is {describe_kind(config)}; expected a multimodal model (a Wings model or "
+                         "a stock VLM)")
     elif model_type not in _causal_lm_types():
-        raise ValueError(f"{what} {path} is {describe_kind(config)}; expected a Wings model or a causal "
-                         "language model")
+        raise ValueError(f"{what} {path} is {describe_kind(config)}; expected a Wings model, a stock VLM or a "
+                         "causal language model")
     for name in JSON_FILES[1:]:
         if (path / name).is_file():
             read_json(path / name, f"{what}:")

@@ -85,6 +85,11 @@ def is_vlm_type(model_type: str | None) -> bool:
     return base_model_type(model_type) in ARCHS
 
 
+def is_multimodal_type(model_type: str | None) -> bool:
+    """A model type that takes images: a composed Wings model or a stock VLM (Wings attached or not)."""
+    return model_type == "wings" or is_vlm_type(model_type)
+
+
 def load_model(path: str | Path, dtype: torch.dtype | None = None, overrides: dict[str, Any] | None = None,
                **kwargs: Any) -> nn.Module:
     """A composed Wings/LLaVA model or a stock VLM (Wings attached or not) from its directory.

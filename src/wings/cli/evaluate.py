@@ -36,6 +36,7 @@ def run(args) -> int:
 
     from ..evaluation.models import load_eval_model, model_type_of
     from ..evaluation.runner import evaluate_task, load_tasks, result_paths, write_results
+    from ..model_kinds import is_multimodal_type
     from ..paths import Output, check_output_file, guard_outputs
 
     check_device(args.device)
@@ -44,9 +45,9 @@ def run(args) -> int:
     guard_outputs([Output("--out", p) for p in result_paths(out, tasks)],
                   [("MODEL_DIR", args.model_dir)] + [("--task", t.path) for t in tasks])
     with_images = [t.name for t in tasks if t.has_images]
-    if with_images and model_type_of(args.model_dir, "MODEL_DIR") != "wings":  # decided before loading anything
+    if with_images and not is_multimodal_type(model_type_of(args.model_dir, "MODEL_DIR")):  # before loading
         raise CLIError(f"MODEL_DIR {args.model_dir} is a text-only language model, but task(s) {with_images} have "
-                       "images; score those with a Wings model")
+                       "images; score those with a Wings model or a stock VLM")
     em = load_eval_model(args.model_dir, device=args.device, dtype=args.dtype, label=args.label, what="MODEL_DIR")
     results = [evaluate_task(em, t, args.batch_size, args.max_new_tokens, args.length_normalised) for t in tasks]
     summary = write_results(em, results, args.out, settings_of(args))

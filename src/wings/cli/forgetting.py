@@ -10,7 +10,9 @@ from .args import check_device, positive_int, text
 def register(sub) -> None:
     p = sub.add_parser("forgetting", help="text-only forgetting report: base LLM vs one or more MLLMs",
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--base", required=True, help="the base LLM directory (AutoModelForCausalLM + tokenizer)")
+    p.add_argument("--base", required=True, help="the base LLM directory (AutoModelForCausalLM + tokenizer), or the "
+                                                 "stock VLM the models were built from (text-only prompts run "
+                                                 "exactly as its own LLM)")
     p.add_argument("--model", action="append", required=True, help="an MLLM directory (repeatable)")
     p.add_argument("--label", action="append", default=None, type=text, help="one label per --model, in order")
     p.add_argument("--base-label", default=None, type=text, help="label of the base LLM (default: its directory name)")

@@ -38,7 +38,7 @@ def run(args) -> int:
     guard_outputs([Output("--out", out, may_contain_inputs=True), Output("--out's laws.json", out / "laws.json"),
                    Output("--out's laws.png", out / "laws.png")],
                   [("MODEL_DIR", args.model_dir), ("--data", task.path)])
-    em = load_eval_model(args.model_dir, device=args.device, dtype=args.dtype, what="MODEL_DIR", kind="wings")
+    em = load_eval_model(args.model_dir, device=args.device, dtype=args.dtype, what="MODEL_DIR", kind="mllm")
     result = compute_laws(em, task, queries=args.queries, batch_size=args.batch_size, max_items=args.max_items)
     shift = result["attention_shift"]
     title = f"{em.name}: LAWS over {result['n_used']} inputs, attention shift = " + (
