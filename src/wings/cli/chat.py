@@ -75,7 +75,7 @@ def run(args) -> int:
     settings = generation_settings(args)
     check_device(args.device)
     images = [load_image(path) for path in args.image]  # fail on a bad file before loading the model
-    check_model_dir(args.model_dir, "MODEL_DIR", kind="wings")  # from config.json alone: nothing allocated yet
+    check_model_dir(args.model_dir, "MODEL_DIR", kind="mllm")  # from config.json alone: nothing allocated yet
     hf_logging.disable_progress_bar()  # stdout/stderr are for the conversation
     model, processor = load_chat_model(args.model_dir, device=args.device, dtype=args.dtype)
     if args.seed is not None:

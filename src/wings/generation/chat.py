@@ -1,4 +1,5 @@
-"""A multi-turn chat with a Wings model: history, attached images, context checks, streamed or whole replies."""
+"""A multi-turn chat with a Wings model (composed or attached to a stock VLM): history, attached images, context
+checks, streamed or whole replies."""
 
 from __future__ import annotations
 
@@ -47,10 +48,9 @@ def pick_dtype(requested: str, device: torch.device) -> torch.dtype:
 
 
 def load_chat_model(model_dir: str | Path, device: str = "auto", dtype: str = "auto"):
-    """(model, processor) from a saved Wings directory, in eval mode on the chosen device and dtype."""
-    from transformers import AutoModelForImageTextToText, AutoProcessor
-
-    import wings  # noqa: F401  (registers the Auto classes)
+    """(model, processor) from a saved Wings directory (composed, or a stock VLM with Wings attached) or a stock
+    VLM directory, in eval mode on the chosen device and dtype."""
+    from ..model_kinds import load_model, load_processor
 
     path = Path(model_dir)
     if not path.exists():
@@ -58,8 +58,8 @@ def load_chat_model(model_dir: str | Path, device: str = "auto", dtype: str = "a
     if not path.is_dir() or not (path / "config.json").is_file():
         raise ValueError(f"{path} is not a model directory (no config.json)")
     target = pick_device(device)
-    model = AutoModelForImageTextToText.from_pretrained(path, dtype=pick_dtype(dtype, target))
-    processor = AutoProcessor.from_pretrained(path)
+    model = load_model(path, dtype=pick_dtype(dtype, target))
+    processor = load_processor(path)
     return model.to(target).eval(), processor
 
 
@@ -82,11 +82,18 @@ class ChatSession:
     @property
     def context_length(self) -> int:
         """The LLM's context, or the position router's width when that is shorter (it has no column beyond)."""
-        config = self.model.config
-        limit = int(config.text_config.max_position_embeddings)
-        if config.mode == "wings" and config.use_router and config.router_type == "position":
-            limit = min(limit, int(config.router_width))
-        return limit
+        from ..model_kinds import model_facts
+
+        return model_facts(self.model).context_length
+
+    @property
+    def codec(self):
+        """Messages + images -> model inputs, the model's way (wings.prompting)."""
+        if "_codec" not in self.__dict__:
+            from ..prompting import codec_for
+
+            self.__dict__["_codec"] = codec_for(self.model, self.processor)
+        return self.__dict__["_codec"]
 
     def attach(self, path: str | Path) -> None:
         """Attach an image to the next user turn (checked now, so a bad file fails before any generation)."""
@@ -121,13 +128,14 @@ class ChatSession:
     def prepare(self, text: str) -> tuple[dict, list[dict]]:
         """Model inputs for the history plus a new user turn; ValueError if they exceed the model's context."""
         messages, images = self._turn(text)
-        prompt = self.processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-        inputs = self.processor(text=prompt, images=images or None)
-        n = inputs["input_ids"].shape[1]
+        prompt = self.codec.encode(messages, images)
+        n = len(prompt.ids)
         if n >= self.context_length:
             raise ValueError(f"the prompt is {n} tokens (images included) but the model's context is "
                              f"{self.context_length} tokens; shorten it or /reset the history")
-        return inputs.to(self.model.device), messages
+        inputs = self.codec.batch([prompt], self.model.device)
+        inputs.pop("position_ids", None)  # generate derives them from the mask
+        return inputs, messages
 
     def _generate_kwargs(self, prompt_len: int) -> dict:
         kwargs = dict(self.generation)
@@ -140,7 +148,7 @@ class ChatSession:
         return kwargs
 
     def _finish(self, messages: list[dict], sequences: torch.Tensor, prompt_len: int) -> str:
-        reply = self.processor.decode(sequences[0, prompt_len:], skip_special_tokens=True)
+        reply = self.processor.tokenizer.decode(sequences[0, prompt_len:], skip_special_tokens=True)
         for stop in self.generation.get("stop_strings") or []:
             reply = reply.split(stop)[0]  # generation stops *after* the stop string; the history ends before it
         turns = messages[1:] if self.system_prompt else messages
