@@ -150,10 +150,10 @@ def _put_all(items: list) -> None:
 class WaveMonitor(StoppingCriteria):
     """Called by `generate` after each step (tokens chosen, before the next forward): feeds every row."""
 
-    def __init__(self, rows: list[RowDecoder], record: dict | None, image_token_id: int):
+    def __init__(self, rows: list[RowDecoder], record: dict | None, visual_ids):
         self.rows = rows
         self.record = record
-        self.image_token_id = image_token_id
+        self.visual_ids = set(visual_ids)  # image placeholder ids: no router cell of their own
         self.first = True
 
     def __call__(self, input_ids: torch.LongTensor, scores, **kwargs) -> torch.BoolTensor:
@@ -196,7 +196,7 @@ class WaveMonitor(StoppingCriteria):
             cells = []
             for token, layer_weights in zip(ids, weights, strict=True):
                 piece = stream.step(row.backend, token) or ""
-                if token != self.image_token_id:
+                if token not in self.visual_ids:
                     cells.append(router_cell(token, piece, layer_weights))
             row.ticket.push(Delta(prompt_cells=cells))
 

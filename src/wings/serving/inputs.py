@@ -15,8 +15,10 @@ import torch
 
 from ..generation.chat import OFFICIAL_SYSTEM_PROMPT, ChatSession, load_chat_model
 from ..images import DEFAULT_LIMITS, ImageError, ImageLimits, SourcePolicy, open_image
+from ..model_kinds import model_facts
 from ..paths import escaped
 from ..processing import IMAGE_TOKEN
+from ..prompting import Prompt, codec_for
 from .errors import bad_request
 from .hf_compat import to_processor_messages
 from .protocol import GREEDY_BELOW_TEMPERATURE, ChatRequest
@@ -50,10 +52,10 @@ class Sampling:
 
 @dataclass
 class Prepared:
-    """One request, ready for the scheduler: prompt ids (images expanded), pixels, and how to decode."""
+    """One request, ready for the scheduler: the encoded prompt (ids with images expanded, pixel tensors), and how
+    to decode."""
 
-    input_ids: list[int]
-    pixel_values: torch.Tensor | None
+    prompt: Prompt
     n_images: int
     max_new_tokens: int
     sampling: Sampling = field(default_factory=Sampling)
@@ -62,8 +64,16 @@ class Prepared:
     prompt_router: bool = False
 
     @property
+    def input_ids(self) -> list[int]:
+        return self.prompt.ids
+
+    @property
+    def pixel_values(self) -> torch.Tensor | None:
+        return self.prompt.pixel_values
+
+    @property
     def prompt_tokens(self) -> int:
-        return len(self.input_ids)
+        return len(self.prompt.ids)
 
 
 @dataclass(frozen=True)
@@ -77,12 +87,14 @@ class RouterStatus:
 
 def router_status(model) -> RouterStatus:
     """Whether this model's forward records router weights, and if not, why (for the page to say so)."""
+    from ..model_kinds import model_facts
     from ..modeling import wings_modules
 
-    config = model.config
-    if getattr(config, "mode", "wings") == "llava":
-        return RouterStatus(False, "LLaVA-mode model: no learners and no router")
-    if not getattr(config, "use_router", False) or not any(hasattr(m, "router") for m in wings_modules(model)):
+    facts = model_facts(model)
+    if facts.mode == "llava":
+        what = "a stock VLM without Wings parts" if facts.attached else "LLaVA-mode model"
+        return RouterStatus(False, f"{what}: no learners and no router")
+    if not facts.use_router or not any(hasattr(m, "router") for m in wings_modules(model)):
         return RouterStatus(False, "stage-1 Wings model: a visual learner but no router yet (stage 2 adds it)")
     return RouterStatus(True)
 
@@ -97,6 +109,8 @@ class ServedModel:
         self.processor = processor
         self.policy = policy or ServingPolicy()
         self.context_length = ChatSession(model, processor).context_length
+        self.facts = model_facts(model)
+        self.codec = codec_for(model, processor)
         self.router = router_status(model)
         self.official = getattr(model.config, "compat", "none") == "official"
         self._processor_lock = threading.Lock()
@@ -110,7 +124,7 @@ class ServedModel:
 
     def info(self) -> dict:
         config = self.model.config
-        return {"id": self.name, "mode": getattr(config, "mode", "wings"), "router": self.router.as_dict(),
+        return {"id": self.name, "mode": self.facts.mode, "router": self.router.as_dict(),
                 "context_length": self.context_length, "compat": getattr(config, "compat", "none"),
                 "max_images": 1 if self.official else self.policy.max_images,
                 "max_image_bytes": self.policy.image_limits.max_bytes,
@@ -154,19 +168,18 @@ class ServedModel:
             messages.insert(0, {"role": "system", "content": [{"type": "text", "text": OFFICIAL_SYSTEM_PROMPT}]})
         pil_images = [self.open_image(url, where) for where, url in images]
         with self._processor_lock:
-            prompt = self.processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-            inputs = self.processor(text=prompt, images=pil_images or None)
-        input_ids = inputs["input_ids"][0].tolist()
+            prompt = self.codec.encode(messages, pil_images)
+        visual = sum(token in self.facts.visual_ids for token in prompt.ids)
         return Prepared(
-            input_ids=input_ids, pixel_values=inputs.get("pixel_values"), n_images=len(pil_images),
-            max_new_tokens=self._max_new_tokens(request, len(input_ids), len(pil_images)),
+            prompt=prompt, n_images=len(pil_images),
+            max_new_tokens=self._max_new_tokens(request, len(prompt.ids), len(pil_images), visual),
             sampling=self._sampling(request), stop=request.stop_sequences,
             router=request.wings_router, prompt_router=request.wings_prompt_router,
         )
 
-    def _max_new_tokens(self, request: ChatRequest, prompt_tokens: int, n_images: int) -> int:
+    def _max_new_tokens(self, request: ChatRequest, prompt_tokens: int, n_images: int, visual_tokens: int) -> int:
         room = self.context_length - prompt_tokens
-        images = f", {n_images} images of {self.model.config.image_seq_length} tokens included" if n_images else ""
+        images = f", {n_images} images' {visual_tokens} tokens included" if n_images else ""
         if room < 1:
             raise bad_request(f"the prompt is {prompt_tokens} tokens{images}, but the model's context is "
                               f"{self.context_length} tokens; shorten the conversation", param="messages",

@@ -236,7 +236,8 @@ class Scheduler:
         model, tokenizer = served.model, served.processor.tokenizer
         eos = self._eos_token_ids()
         rows = [RowDecoder(ticket, tokenizer, eos) for ticket in wave]
-        inputs = self._collate([t.prepared for t in wave], tokenizer.pad_token_id, model.device)
+        inputs = served.codec.batch([t.prepared.prompt for t in wave], model.device)  # left-padded, pixels joined
+        inputs.pop("position_ids", None)  # generate derives them from the mask
         wants_router = served.router.available and any(t.prepared.router or t.prepared.prompt_router for t in wave)
         record = {} if wants_router else None
         config = copy.deepcopy(model.generation_config)
@@ -249,7 +250,7 @@ class Scheduler:
             model.generate(**inputs, generation_config=config,
                            logits_processor=LogitsProcessorList([PerRowSampler(rows, model.device)]),
                            stopping_criteria=StoppingCriteriaList([WaveMonitor(rows, record,
-                                                                               model.config.image_token_id)]),
+                                                                               served.facts.visual_ids)]),
                            **extra)
         for row in rows:
             row.close()
@@ -262,18 +263,3 @@ class Scheduler:
         if tokenizer_eos is not None:
             ids.add(tokenizer_eos)
         return ids
-
-    @staticmethod
-    def _collate(prepared: list[Prepared], pad_id: int, device: torch.device) -> dict:
-        """Left-pad the prompts into one batch; images in row order (each row's `<image>` tokens find them)."""
-        width = max(p.prompt_tokens for p in prepared)
-        input_ids = torch.full((len(prepared), width), pad_id, dtype=torch.long)
-        attention_mask = torch.zeros((len(prepared), width), dtype=torch.long)
-        for i, p in enumerate(prepared):
-            input_ids[i, width - p.prompt_tokens:] = torch.tensor(p.input_ids)
-            attention_mask[i, width - p.prompt_tokens:] = 1
-        batch = {"input_ids": input_ids.to(device), "attention_mask": attention_mask.to(device)}
-        pixels = [p.pixel_values for p in prepared if p.pixel_values is not None]
-        if pixels:
-            batch["pixel_values"] = torch.cat(pixels).to(device)
-        return batch

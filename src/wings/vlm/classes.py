@@ -38,6 +38,11 @@ class WingsVLMMixin(LearnerInitMixin):
     def wings_settings(self) -> WingsSettings:
         return WingsSettings.from_dict(self.config.wings)
 
+    def _validate_model_kwargs(self, model_kwargs: dict) -> None:
+        # `wings_record` (router weights, for analysis and the server's router strip) is taken off the call by the
+        # top-level pre-hook, so the stock forward never sees it; generate must let it through to there.
+        super()._validate_model_kwargs({k: v for k, v in model_kwargs.items() if k != "wings_record"})
+
     def _prepare_cache_for_generation(self, generation_config, model_kwargs, *args, **kwargs):
         # Never generate a placeholder (no image would fill it); keep the learner cache in step with beams & co.
         has_images = any(model_kwargs.get(k) is not None for k in ("pixel_values", "pixel_values_videos"))
