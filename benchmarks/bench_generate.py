@@ -12,9 +12,11 @@ has the same backbone sizes; HF `LlavaForConditionalGeneration` is the baseline.
 
 "per CPU-second" divides by this process's CPU time, the steadier figure when other jobs share the cores.
 
-The steps method also times HF LLaVA with Wings' KV cache (`GrowingDynamicCache`: the same cache, grown in place
-instead of `torch.cat` of the whole cache per step), alternating with the other two: Wings / that LLaVA is the
-cost of the Wings layer alone; Wings / stock LLaVA is what a user sees against HF's own model.
+It also times HF LLaVA with Wings attached (`wings.attach`, the same learner layer on the stock class): attached /
+llava should match wings / llava. The steps method also times HF LLaVA with Wings' KV cache
+(`GrowingDynamicCache`: the same cache, grown in place instead of `torch.cat` of the whole cache per step),
+alternating with the others: Wings / that LLaVA is the cost of the Wings layer alone; Wings / stock LLaVA is what
+a user sees against HF's own model.
 
     python benchmarks/bench_generate.py                          # tiny width (hidden 256, 64 image tokens)
     python benchmarks/bench_generate.py --hidden 2048 --layers 2 --heads 16 --kv-heads 16 --intermediate 5632 \\
@@ -37,6 +39,7 @@ from transformers import CompileConfig, LlavaConfig, LlavaForConditionalGenerati
 
 from wings.builder import TinySpec, build_tiny
 from wings.modeling.cache import GrowingDynamicCache
+from wings.vlm import attach
 
 
 def randomize_learners(model: torch.nn.Module, std: float = 0.05) -> None:
@@ -199,6 +202,9 @@ def main() -> None:
     randomize_learners(model)
     model.to(args.device).eval()
     llava = hf_llava(model).to(args.device)
+    attached = attach(hf_llava(model), rank=64, router="position", router_max_positions=4096)  # the same Wings layer
+    randomize_learners(attached)
+    attached.to(args.device).eval()
     batch = make_batch(processor, args.batch, args.device)
     n = args.new_tokens
     print(f"batch {args.batch} x prompt {batch['input_ids'].shape[1]} tokens ({model.config.image_seq_length} image), "
@@ -208,13 +214,16 @@ def main() -> None:
           f"wings params {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M")
     if args.method == "steps" and args.cache_impl != "static":
         print(f"method: {n} decoding steps per model, alternating Wings / LLaVA step by step")
-        fast = step_rates({"wings": model, "llava": llava, "llava_growing": llava}, batch, n,
+        fast = step_rates({"wings": model, "llava": llava, "llava_growing": llava, "attached": attached}, batch, n,
                           growing=("llava_growing",))
         slow = step_rates({"wings_no_cache": model}, batch, args.uncached_tokens or n, use_cache=False)
     else:
         print(f"method: whole generate() calls, {args.repeats} rounds")
-        fast = decode_rates({"wings": Run(model, True, args.cache_impl, args.compile),
-                             "llava": Run(llava, True, args.cache_impl, args.compile)}, batch, n, args.repeats)
+        runs = {"wings": Run(model, True, args.cache_impl, args.compile),
+                "llava": Run(llava, True, args.cache_impl, args.compile)}
+        if args.cache_impl != "static":  # (attached models decode with the dynamic cache)
+            runs["attached"] = Run(attached, True, args.cache_impl, args.compile)
+        fast = decode_rates(runs, batch, n, args.repeats)
         slow = decode_rates({"wings_no_cache": Run(model, False)}, batch, args.uncached_tokens or n,
                             args.uncached_repeats)
     wings, llava_s, uncached = fast["wings"], fast["llava"], slow["wings_no_cache"]
@@ -229,6 +238,11 @@ def main() -> None:
         same = fast["llava_growing"]
         print(f"HF llava, Wings' KV cache: {median_of(same, 0):8.2f}  ({median_of(same, 1):8.2f})   wings / it "
               f"{ratio_of(wings, same, 0):.3f} ({ratio_of(wings, same, 1):.3f}): the Wings layer alone")
+    if "attached" in fast:
+        ours, theirs = ratio_of(wings, llava_s, 0), ratio_of(fast["attached"], llava_s, 0)
+        print(f"Wings attached to HF llava: {median_of(fast['attached'], 0):8.2f}  "
+              f"({median_of(fast['attached'], 1):8.2f})   attached / llava {theirs:.3f}, wings / llava {ours:.3f}: "
+              f"they differ by {abs(theirs / ours - 1):.1%} (target: within 5%)")
     pairs = sorted(x[0] / y[0] for x, y in zip(wings, llava_s, strict=True))
     quart = [pairs[int(q * (len(pairs) - 1))] for q in (0.25, 0.5, 0.75)]
     print(f"wings/llava (wall) over {len(pairs)} pairs: quartiles {quart[0]:.3f} / {quart[1]:.3f} / {quart[2]:.3f}")

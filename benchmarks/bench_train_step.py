@@ -14,6 +14,8 @@ its own process instead, which also gives its peak memory (process RSS on CPU, C
 
 Variants: llava, wings, wings+OPTION[+OPTION] (see step_setup.VARIANT_OPTIONS); a trailing "+compile" runs that
 variant under torch.compile (inductor), e.g. --variants llava,llava+compile,wings,wings+compile --warmup 3.
+`stock` is transformers' LlavaForConditionalGeneration with the same sizes and `attached` that model with
+`wings.attach`: --variants llava,wings,stock,attached prints attached/stock beside wings/llava.
 """
 
 from __future__ import annotations
@@ -125,7 +127,7 @@ def spawn(argv: list[str], **overrides) -> dict:
 
 def analytic_ratio(args, variant: str) -> float:
     """Whole-model forward FLOP ratio of `variant` against llava for this shape (flops.model_flops)."""
-    if variant.removesuffix("+compile") == "llava":
+    if variant.removesuffix("+compile") in ("llava", "stock"):
         return 1.0
     router = "separate" if ("+separate" in variant or "+eager" in variant) else "fused"
     head_dim = args.hidden // args.heads
@@ -197,6 +199,12 @@ def main() -> None:
         a_ratio = analytic_ratio(args, v)
         print(f"  {v:<26}{t['params_m']:>9.1f}{statistics.median(t['wall']):>9.3f}{ratio:>14.3f}{ratio_cpu:>13.3f}"
               f"{a_ratio:>10.3f}{ratio / a_ratio:>11.3f}")
+    pairs = [("wings", "llava"), ("attached", "stock")]
+    if all(v in times for pair in pairs for v in pair):
+        ratios = [statistics.median(a / b for a, b in zip(times[x]["wall"], times[y]["wall"], strict=True))
+                  for x, y in pairs]
+        print(f"\nWings on a stock LLaVA vs our composed Wings: attached/stock {ratios[1]:.3f}, wings/llava "
+              f"{ratios[0]:.3f}; they differ by {abs(ratios[1] / ratios[0] - 1):.1%} (target: within 5%)")
     print("\nratio = median over rounds of (variant step / baseline step in the same round); analytic = forward FLOPs"
           " of the whole model (layers, LM head, vision) / the baseline's, for the router path the variant runs "
           "(fused value channels unless +separate/+eager).")

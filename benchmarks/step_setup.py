@@ -11,6 +11,9 @@ import argparse
 # recompute-projections (the same, keeping the learners' attention outputs), masked (every
 # learner query against every key under the mask, instead of the queries grouped by token kind).
 VARIANT_OPTIONS = ("eager", "separate", "unfused", "recompute", "recompute-projections", "masked")
+# Two more bases with the same backbone: "stock" is transformers' own LlavaForConditionalGeneration (the same
+# vision tower, projector and LLM sizes) and "attached" is that model with `wings.attach` (options apply to it too).
+BASES = ("llava", "wings", "stock", "attached")
 IMAGE_AT = 8  # text tokens before each sample's image
 
 
@@ -48,13 +51,20 @@ def build(args: argparse.Namespace, mode: str):
                     image_size=args.image_size, patch_size=args.patch_size, vision_hidden=192, vision_layers=2)
     base, *options = mode.split("+")
     unknown = [o for o in options if o not in VARIANT_OPTIONS]
-    if base not in ("wings", "llava") or unknown:
-        raise ValueError(f"unknown variant {mode!r}: use llava, wings or wings+OPTION with OPTION in {VARIANT_OPTIONS}")
-    extra = {} if base == "llava" else {
-        "router_impl": "eager" if "eager" in options else args.router_impl, "router_max_positions": 4096}
-    model, processor = build_tiny(spec, tokenizer=train_tiny_tokenizer(1000), mode=base, rank=args.rank,
-                                  router=args.router, **extra)
-    if base == "wings":
+    if base not in BASES or unknown:
+        raise ValueError(f"unknown variant {mode!r}: use {', '.join(BASES)}, or wings/attached+OPTION with OPTION in "
+                         f"{VARIANT_OPTIONS}")
+    router = {"router_impl": "eager" if "eager" in options else args.router_impl, "router_max_positions": 4096}
+    composed = "llava" if base in ("llava", "stock", "attached") else "wings"
+    model, processor = build_tiny(spec, tokenizer=train_tiny_tokenizer(1000), mode=composed, rank=args.rank,
+                                  router=args.router, **(router if composed == "wings" else {}))
+    if base in ("stock", "attached"):
+        model = stock_llava(model)
+        if base == "attached":
+            from wings.vlm import attach
+
+            attach(model, rank=args.rank, router=args.router, **router)
+    if base in ("wings", "attached"):
         set_kernel_options(model, options)
     device = torch.device(args.device)
     model.to(device).train()
@@ -64,6 +74,19 @@ def build(args: argparse.Namespace, mode: str):
              "pixel_values": torch.randn(args.batch, 3, args.image_size, args.image_size, device=device)}
     batch["labels"] = batch["input_ids"]
     return model, processor, batch
+
+
+def stock_llava(composed):
+    """transformers' LlavaForConditionalGeneration with a composed model's vision tower, projector and LLM sizes
+    (random weights: speed only)."""
+    from transformers import LlavaConfig, LlavaForConditionalGeneration
+
+    config = LlavaConfig(vision_config=composed.config.vision_config.to_dict(),
+                         text_config=composed.config.text_config.to_dict(),
+                         image_token_id=composed.config.image_token_id,
+                         vision_feature_layer=composed.config.vision_feature_layer,
+                         vision_feature_select_strategy="full", image_seq_length=composed.config.image_seq_length)
+    return LlavaForConditionalGeneration(config)
 
 
 def set_kernel_options(model, options: list[str]) -> None:
