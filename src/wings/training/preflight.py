@@ -45,7 +45,7 @@ class RunMismatch(ValueError):
 
 
 def check_inputs(config: TrainConfig, custom_data: bool) -> None:
-    check_model_dir(config.model.path, "model.path", kind="wings")
+    check_model_dir(config.model.path, "model.path", kind="mllm")  # a Wings model, or a stock VLM (the baseline)
     check_overrides(config.model.overrides)
     if not custom_data:
         if not config.data.path:
@@ -200,7 +200,7 @@ def _progress(checkpoint: Path) -> tuple[int, int]:
 
 def _final_complete(final: Path) -> bool:
     try:
-        check_model_dir(final, "final/", kind="wings")
+        check_model_dir(final, "final/", kind="mllm")
     except (ValueError, OSError):
         return False
     return True
