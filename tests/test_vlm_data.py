@@ -48,8 +48,8 @@ def test_labels_are_the_replies_and_images_expand_as_the_processor_does(kind, tm
     from PIL import Image
 
     pil = [Image.open(p).convert("RGB") for p in (a, b)]
-    text = processor.tokenizer.apply_chat_template([{"role": "user", "content": [{"type": "image"}, {"type": "image"}]}],
-                                                   chat_template=processor.chat_template, tokenize=False)
+    two_images = [{"role": "user", "content": [{"type": "image"}, {"type": "image"}]}]
+    text = processor.tokenizer.apply_chat_template(two_images, chat_template=processor.chat_template, tokenize=False)
     direct = processor(text=[text], images=[pil], return_tensors="pt")["input_ids"][0]
     assert int(visual.sum()) == int(torch.isin(direct, image_id).sum()) > 0
     # a batch of this sample and a text-only one: the stock model takes it and gives a finite loss
