@@ -49,9 +49,8 @@ def data(tmp_path_factory):
 @pytest.fixture(scope="module")
 def stage1_dirs(make_tiny, tmp_path_factory):
     """Stage-1-shaped start models (as the study's shared stage 1 leaves them): LLaVA and Wings (visual only)."""
-    from wings.builder import save
-
     from conftest import randomize_wings_
+    from wings.builder import save
 
     root = tmp_path_factory.mktemp("study_starts")
     llava = save(*make_tiny(mode="llava"), root / "llava_stage1")

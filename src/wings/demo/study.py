@@ -316,7 +316,8 @@ def run_study_seed(out: Path, sp: StudyPlan, seed: int, names: list[str], consol
         write_json(out / "shared.json", {"fingerprint": base_print, "result": shared})
     else:
         console.note(f"seed {seed}: reusing the shared stages in {out}")
-    rank, lora_params, learner_params = lora_rank_for(shared)
+    with console.block("lora_rank"):  # (loading two models: their load bars go to the log)
+        rank, lora_params, learner_params = lora_rank_for(shared)
     variants = run_variants(out, sp, names, seed, shared, rank, console, resume, workers)
     curve = None
     if "interp" in names:

@@ -58,17 +58,20 @@ def per_seed(per_seed_results: list[dict], name: str, key: str) -> list[float | 
 
 
 def aggregate(per_seed_results: list[dict]) -> dict[str, dict[str, dict]]:
-    """{model: {cell: {mean, min, max, values}}} for every cell that every seed has."""
+    """{model: {cell: {mean, min, max, values, seeds}}} over the seeds that have the cell."""
     names: list[str] = []
     for r in per_seed_results:
         names += [n for n in models_of(r) if n not in names]
     summary: dict[str, dict] = {}
     for name in names:
         for key in CELLS:
-            values = per_seed(per_seed_results, name, key)
-            if values and all(v is not None for v in values):
+            found = [(r["seed"], v) for r, v in zip(per_seed_results, per_seed(per_seed_results, name, key),
+                                                     strict=True) if v is not None]
+            if found:  # a variant run on fewer seeds (`--variants` on later seeds) keeps the seeds it has
+                values = [v for _, v in found]
                 summary.setdefault(name, {})[key] = {"mean": sum(values) / len(values), "min": min(values),
-                                                     "max": max(values), "values": values}
+                                                     "max": max(values), "values": values,
+                                                     "seeds": [s for s, _ in found]}
     return summary
 
 
@@ -99,14 +102,13 @@ def curve_text_at(points: list[tuple[float, float]], x: float) -> float:
 
 
 def above_curve(per_seed_results: list[dict], name: str) -> list[float] | None:
-    """Per seed: the variant's text held-out minus the curve's at the variant's easy-vqa (> 0: above)."""
+    """Per seed that has both: the variant's text held-out minus the curve's at its easy-vqa (> 0: above)."""
     out = []
     for r in per_seed_results:
         model, points = r["variants"].get(name), curve_points(r)
-        if model is None or len(points) < 2:
-            return None
-        out.append(cell(model, "text_heldout") - curve_text_at(points, cell(model, "vqa_test")))
-    return out
+        if model is not None and len(points) >= 2:
+            out.append(cell(model, "text_heldout") - curve_text_at(points, cell(model, "vqa_test")))
+    return out or None
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -137,11 +139,10 @@ def combine(verdicts: list[str]) -> str:
 
 
 def diff(per_seed_results: list[dict], a: str, b: str, key: str) -> list[float] | None:
-    """Per seed: a's cell minus b's (None when either is missing)."""
+    """Per seed that has both: a's cell minus b's (None when no seed has both)."""
     xs, ys = per_seed(per_seed_results, a, key), per_seed(per_seed_results, b, key)
-    if any(v is None for v in xs + ys):
-        return None
-    return [x - y for x, y in zip(xs, ys, strict=True)]
+    out = [x - y for x, y in zip(xs, ys, strict=True) if x is not None and y is not None]
+    return out or None
 
 
 def mean_of_tasks(per_seed_results: list[dict], a: str, b: str) -> list[float] | None:
@@ -207,8 +208,8 @@ def claims(per_seed_results: list[dict]) -> list[dict]:
     add("Less attention shift goes with more text kept, across variants and seeds (Pearson r < 0)", corr,
         "-" if fit is None else f"r = {fit[0]:+.2f} [{fit[1]:+.2f}, {fit[2]:+.2f}] over {len(xs)} points",
         r=None if fit is None else list(fit), n=len(xs))
-    spread = per_seed(rs, "wings", "router_spread")
-    tokenwise = None if any(s is None for s in spread) else [s - 0.1 for s in spread]
+    spread = [s for s in per_seed(rs, "wings", "router_spread") if s is not None]
+    tokenwise = [s - 0.1 for s in spread] or None
     add("Routing is token-wise (the released recipe's w_v spread over tokens >= 0.1)", verdict(tokenwise),
         "-" if tokenwise is None else f"w_v spread {sum(spread) / len(spread):.3f} [{min(spread):.3f}, "
         f"{max(spread):.3f}]", spread=spread)

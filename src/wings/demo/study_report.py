@@ -55,7 +55,9 @@ def main_table(summary: dict, n_seeds: int) -> str:
     for name, cells in summary.items():
         if name.startswith("interp@"):
             continue
-        rows.append(f"| {name} | {_label(name)} | " + " | ".join(fmt(cells.get(k)) for k in TABLE_CELLS) + " |")
+        seeds = len(cells["text_heldout"]["values"]) if "text_heldout" in cells else n_seeds
+        label = _label(name) + (f" ({seeds} seeds)" if seeds != n_seeds else "")
+        rows.append(f"| {name} | {label} | " + " | ".join(fmt(cells.get(k)) for k in TABLE_CELLS) + " |")
     curve = [n for n in summary if n.startswith("interp@")]
     if curve:
         rows += ["", f"Interpolation curve (mean [min, max] over {n_seeds} seed(s)):", "",
@@ -71,7 +73,7 @@ def curve_table(per_seed_results: list[dict], names: list[str]) -> tuple[str, di
     """Markdown + data: each variant's held-out text above (+) or below (-) the interpolation curve."""
     data, rows = {}, ["| variant | text above the curve at its easy-vqa, mean [min, max] | reading |", "|---|---|---|"]
     for name in names:
-        if name in ("interp", "llava") or name not in per_seed_results[0]["variants"]:
+        if name in ("interp", "llava") or not any(name in r["variants"] for r in per_seed_results):
             continue
         excess = above_curve(per_seed_results, name)
         if excess is None:
@@ -87,9 +89,10 @@ def router_summary(per_seed_results: list[dict]) -> dict[str, dict]:
     """Per learned-router variant: training diagnostics (first image step, mean of the last fifth of the logged
     image steps) and the after-training profile, mean over seeds."""
     out: dict[str, dict] = {}
-    for name in per_seed_results[0]["variants"]:
-        runs = [r["variants"][name].get("router") for r in per_seed_results]
-        if not all(runs):
+    names = [n for n in VARIANTS if any(n in r["variants"] for r in per_seed_results)]
+    for name in names:
+        runs = [r["variants"][name]["router"] for r in per_seed_results if "router" in r["variants"].get(name, {})]
+        if not runs:
             continue
         first, last = {}, {}
         for run in runs:
@@ -211,7 +214,7 @@ def router_plot(per_seed_results: list[dict], routers: dict[str, dict], path: Pa
         for key, style in (("router/w_v_image_tokens", "-"), ("router/w_v_text_tokens", ":")):
             by_step: dict[int, list[float]] = {}
             for r in per_seed_results:
-                for row in r["variants"][name]["router"]["diagnostics"]:
+                for row in r["variants"].get(name, {}).get("router", {}).get("diagnostics", []):
                     if key in row:
                         by_step.setdefault(row["step"], []).append(row[key])
             steps = sorted(by_step)
