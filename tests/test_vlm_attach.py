@@ -141,3 +141,19 @@ def test_attached_model_saves_and_loads_as_a_full_directory(tmp_path):
     assert type(loaded).__name__ == "WingsQwen2VLForConditionalGeneration" and vlm.is_attached(loaded)
     with torch.no_grad():
         assert torch.equal(loaded(**batch).logits, model(**batch).logits)
+
+
+def test_a_deep_copy_is_a_model_of_its_own():
+    import copy
+
+    model, processor = tiny("qwen2_vl")
+    batch, _ = mixed_batch(processor)
+    randomize_wings_(vlm.attach(model, rank=4))
+    twin = copy.deepcopy(model)
+    with torch.no_grad():
+        expected = model(**batch).logits
+        assert torch.equal(twin(**batch).logits, expected)
+        vlm.detach(twin)  # detaching the copy leaves the original attached
+        assert vlm.is_attached(model) and not vlm.is_attached(twin)
+        assert torch.equal(model(**batch).logits, expected)
+        assert torch.equal(twin(**batch).logits, tiny("qwen2_vl")[0](**batch).logits)

@@ -19,7 +19,7 @@ from ..modeling.cache import keep_placeholders_out, learner_aware_cache
 from ..modeling.inject import detach_learners, inject_learners
 from ..modeling.kernels import WingsKernels
 from ..modeling.modeling_wings import LearnerInitMixin
-from .hooks import clear_context, make_text_hook, wings_top_hook
+from .hooks import OWNER, clear_context, wings_text_hook, wings_top_hook
 from .registry import ARCHS, WINGS_PREFIX, arch_for, resolve, visual_token_ids
 from .settings import WingsSettings
 
@@ -87,23 +87,36 @@ def install(model: nn.Module, settings: WingsSettings) -> None:
     text_model = resolve(model, arch.text_model)
     spec = settings.bind(text_model.config)
     model._wings_visual_ids = visual_token_ids(model.config, arch)
+    model._wings_mrope = arch.mrope
     model._wings_spec = spec
     model.wings_kernels = WingsKernels()
     inject_learners(text_model, spec)
-    model._wings_handles = (
-        model.register_forward_pre_hook(wings_top_hook, with_kwargs=True),
-        model.register_forward_hook(clear_context, always_call=True),
-        text_model.register_forward_pre_hook(make_text_hook(model, arch), with_kwargs=True),
-    )
+    text_model.__dict__[OWNER] = model  # (not a submodule: the text model is already one of the model's)
+    model.register_forward_pre_hook(wings_top_hook, with_kwargs=True)
+    model.register_forward_hook(clear_context, always_call=True)
+    text_model.register_forward_pre_hook(wings_text_hook, with_kwargs=True)
 
 
 def uninstall(model: nn.Module) -> None:
     arch = arch_for(model.config.model_type)
-    for handle in model.__dict__.pop("_wings_handles", ()):
-        handle.remove()
-    detach_learners(resolve(model, arch.text_model))
-    for name in ("_wings_visual_ids", "_wings_spec", "wings_kernels"):
+    text_model = resolve(model, arch.text_model)
+    # Found by function rather than by handle: a deep copy of the model has its own hook dicts, and handles copied
+    # with it would point at the original's.
+    _remove_hooks(model, (wings_top_hook, clear_context))
+    _remove_hooks(text_model, (wings_text_hook,))
+    detach_learners(text_model)
+    text_model.__dict__.pop(OWNER, None)
+    for name in ("_wings_visual_ids", "_wings_mrope", "_wings_spec", "wings_kernels"):
         model.__dict__.pop(name, None)
+
+
+def _remove_hooks(module: nn.Module, functions: tuple) -> None:
+    for hooks in (module._forward_pre_hooks, module._forward_hooks):
+        for key in [k for k, fn in hooks.items() if fn in functions]:
+            del hooks[key]
+            for extra in (module._forward_pre_hooks_with_kwargs, module._forward_hooks_with_kwargs,
+                          module._forward_hooks_always_called):
+                extra.pop(key, None)
 
 
 def register_classes() -> None:

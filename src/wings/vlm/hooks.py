@@ -26,7 +26,7 @@ from transformers import DynamicCache, StaticCache
 
 from ..modeling.cache import WingsDynamicCache, upgrade_cache
 from ..modeling.state import build_state
-from .registry import VLMArch, visual_mask
+from .registry import visual_mask
 
 CONTEXT = "_wings_context"
 
@@ -76,50 +76,53 @@ def clear_context(model: nn.Module, *_args) -> None:
     model.__dict__.pop(CONTEXT, None)
 
 
-def make_text_hook(owner: nn.Module, arch: VLMArch):
-    """The text model's pre-hook, bound to the top-level model that carries the settings and the context."""
+OWNER = "_wings_owner"  # the text model's reference to its top-level model (in __dict__: not a submodule)
 
-    def wings_text_hook(text_model: nn.Module, args: tuple, kwargs: dict):
-        context: CallContext | None = owner.__dict__.pop(CONTEXT, None)
-        embeds = kwargs.get("inputs_embeds")
-        if embeds is None:  # the text model called on its own, with ids: embed here, as it would
-            ids = kwargs.pop("input_ids", None)
-            if ids is None and args:
-                ids, args = args[0], args[1:]
-            if ids is None:
-                return None
-            embeds = kwargs["inputs_embeds"] = text_model.get_input_embeddings()(ids)
-            kwargs["input_ids"] = None
-            context = CallContext(visual_mask(ids, owner._wings_visual_ids), kwargs.get("attention_mask"), None)
-        B, T = embeds.shape[:2]
-        cache = _cache_of(kwargs)
-        if cache is None and kwargs.get("use_cache"):  # what the text model would create, learner-aware
-            cache = kwargs["cache"] = WingsDynamicCache(config=text_model.config)
-        elif isinstance(cache, DynamicCache):
-            upgrade_cache(cache)
-        past = cache.get_seq_length() if cache is not None else 0
-        mask_2d = context.mask_2d if context is not None else None
-        token_mask = mask_2d[:, -T:].bool() if mask_2d is not None else torch.ones(B, T, dtype=torch.bool,
-                                                                                    device=embeds.device)
-        order, rope = split_positions(kwargs.get("position_ids"), mask_2d, past, B, T, arch.mrope, embeds.device)
-        is_visual = context.is_visual if context is not None and context.is_visual is not None else None
-        if is_visual is None:
-            is_visual = torch.zeros(B, T, dtype=torch.bool, device=embeds.device)
-        if tuple(is_visual.shape) != (B, T):
-            raise RuntimeError(f"Wings: the text model got {T} tokens but the top-level call had "
-                               f"{is_visual.shape[-1]}; this model type changes the sequence between the two")
-        settings = owner.wings_settings
-        position_router = settings.use_router and settings.router_type == "position"
-        state = build_state(
-            embeds, is_visual, token_mask, order, text_model.rotary_emb, cache_obj=cache,
-            router_impl=settings.router_impl, kernels=owner.wings_kernels,
-            router_width=owner._wings_spec.router_width if position_router else None, rope_ids=rope,
-        )
-        state.record = context.record if context is not None else None
-        kwargs["wings_state"] = state
-        return args, kwargs
 
-    return wings_text_hook
+def wings_text_hook(text_model: nn.Module, args: tuple, kwargs: dict):
+    """Pre-hook on the text model: build this forward's `WingsState` and pass it down as `wings_state`.
+
+    The top-level model (which carries the settings and the context) is found through `text_model.__dict__`, not
+    a closure, so a deep copy of the whole model hooks up with its own copy."""
+    owner = text_model.__dict__[OWNER]
+    context: CallContext | None = owner.__dict__.pop(CONTEXT, None)
+    embeds = kwargs.get("inputs_embeds")
+    if embeds is None:  # the text model called on its own, with ids: embed here, as it would
+        ids = kwargs.pop("input_ids", None)
+        if ids is None and args:
+            ids, args = args[0], args[1:]
+        if ids is None:
+            return None
+        embeds = kwargs["inputs_embeds"] = text_model.get_input_embeddings()(ids)
+        kwargs["input_ids"] = None
+        context = CallContext(visual_mask(ids, owner._wings_visual_ids), kwargs.get("attention_mask"), None)
+    B, T = embeds.shape[:2]
+    cache = _cache_of(kwargs)
+    if cache is None and kwargs.get("use_cache"):  # what the text model would create, learner-aware
+        cache = kwargs["cache"] = WingsDynamicCache(config=text_model.config)
+    elif isinstance(cache, DynamicCache):
+        upgrade_cache(cache)
+    past = cache.get_seq_length() if cache is not None else 0
+    mask_2d = context.mask_2d if context is not None else None
+    token_mask = mask_2d[:, -T:].bool() if mask_2d is not None else torch.ones(B, T, dtype=torch.bool,
+                                                                                device=embeds.device)
+    order, rope = split_positions(kwargs.get("position_ids"), mask_2d, past, B, T, owner._wings_mrope, embeds.device)
+    is_visual = context.is_visual if context is not None and context.is_visual is not None else None
+    if is_visual is None:
+        is_visual = torch.zeros(B, T, dtype=torch.bool, device=embeds.device)
+    if tuple(is_visual.shape) != (B, T):
+        raise RuntimeError(f"Wings: the text model got {T} tokens but the top-level call had "
+                           f"{is_visual.shape[-1]}; this model type changes the sequence between the two")
+    spec = owner._wings_spec
+    position_router = spec.use_router and spec.router_type == "position"
+    state = build_state(
+        embeds, is_visual, token_mask, order, text_model.rotary_emb, cache_obj=cache,
+        router_impl=spec.router_impl, kernels=owner.wings_kernels,
+        router_width=spec.router_width if position_router else None, rope_ids=rope,
+    )
+    state.record = context.record if context is not None else None
+    kwargs["wings_state"] = state
+    return args, kwargs
 
 
 def split_positions(position_ids: torch.Tensor | None, mask_2d: torch.Tensor | None, past: int, B: int, T: int,

@@ -92,7 +92,10 @@ class LearnerSpec:
         self.text_config = text_config
 
     def __getattr__(self, name: str):
-        return getattr(self.__dict__["settings"], name)
+        settings = self.__dict__.get("settings")
+        if settings is None:  # (while a copy or unpickling builds the object)
+            raise AttributeError(name)
+        return getattr(settings, name)
 
     @property
     def learner_layer_indices(self) -> list[int]:
