@@ -3,7 +3,7 @@
     model = AutoModelForImageTextToText.from_pretrained("llava-hf/llava-1.5-7b-hf")
     model = wings.attach(model, rank=64, stage=1)       # + visual learners; logits unchanged (B = 0)
     ...train stage 1...
-    wings.add_stage2_parts(model)                        # + textual learners and the router, fresh
+    wings.vlm.add_stage2_parts(model)                    # + textual learners and the router, fresh
     model.save_pretrained(out)                           # loads with AutoModelForImageTextToText after `import wings`
     wings.save_adapter(model, adapter_dir)               # or only the Wings weights + wings_adapter.json
     wings.detach(model)                                  # the stock model again, weights untouched
@@ -96,9 +96,9 @@ def _restore(model: nn.Module) -> None:
 
 
 def _stock_model_class(config) -> type:
-    from transformers import AutoModelForImageTextToText
+    from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING
 
-    return AutoModelForImageTextToText._model_mapping[type(config)]
+    return MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING[type(config)]
 
 
 def _text_layers(model: nn.Module, arch) -> int:

@@ -14,6 +14,7 @@ from __future__ import annotations
 from torch import nn
 from transformers import AutoConfig, AutoModelForImageTextToText, PreTrainedConfig, PreTrainedModel
 from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING
 
 from ..modeling.cache import keep_placeholders_out, learner_aware_cache
 from ..modeling.inject import detach_learners, inject_learners
@@ -129,7 +130,7 @@ def register_classes() -> None:
 
     for model_type in ARCHS:
         stock_config = CONFIG_MAPPING[model_type]
-        stock_model = AutoModelForImageTextToText._model_mapping[stock_config]
+        stock_model = MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING[stock_config]
         config_cls, model_cls = wings_config_class(stock_config), wings_model_class(stock_model)
         AutoConfig.register(config_cls.model_type, config_cls, exist_ok=True)
         AutoModelForImageTextToText.register(config_cls, model_cls, exist_ok=True)
