@@ -91,13 +91,18 @@ def is_multimodal_type(model_type: str | None) -> bool:
 
 
 def load_model(path: str | Path, dtype: torch.dtype | None = None, overrides: dict[str, Any] | None = None,
-               **kwargs: Any) -> nn.Module:
+               quantize: str | None = None, quantization_config: Any = None, **kwargs: Any) -> nn.Module:
     """A composed Wings/LLaVA model or a stock VLM (Wings attached or not) from its directory.
 
     `overrides`: Wings fields applied on load (`use_textual_learner`, `use_router`, `mode`, ...): for a composed
     model `WingsConfig` fields; for a stock VLM the attached settings (`wings.vlm.WingsSettings`), where
     `mode: llava` loads the stock model without its Wings parts and `mode: wings` on a plain stock directory
-    attaches fresh ones."""
+    attaches fresh ones.
+
+    `quantize` ("int8" | "nf4") or `quantization_config` (a transformers quantization config, e.g.
+    `BitsAndBytesConfig`) loads the LLM's linear layers quantized, on `device_map`'s one device (default: CUDA
+    when present, else CPU); the learners, router, projector, vision tower and LM head stay in `dtype`
+    (wings.quantization)."""
     from transformers import AutoConfig, AutoModelForImageTextToText
 
     import wings  # noqa: F401  (registers the Auto classes)
@@ -106,6 +111,9 @@ def load_model(path: str | Path, dtype: torch.dtype | None = None, overrides: di
     if dtype is not None:
         kwargs["dtype"] = dtype
     model_type = read_model_type(path)
+    if quantize is not None or quantization_config is not None:
+        kwargs.update(_quantized_kwargs(path, model_type, overrides, quantize, quantization_config, dtype,
+                                        kwargs.pop("device_map", None)))
     if not is_vlm_type(model_type):
         return AutoModelForImageTextToText.from_pretrained(path, **overrides, **kwargs)
     from .vlm import WingsSettings
@@ -126,6 +134,22 @@ def load_model(path: str | Path, dtype: torch.dtype | None = None, overrides: di
         return model
     config.wings = WingsSettings.from_dict(stored).replace(**overrides).to_dict()
     return AutoModelForImageTextToText.from_pretrained(path, config=config, **kwargs)
+
+
+def _quantized_kwargs(path, model_type, overrides, quantize, quantization_config, dtype, device_map) -> dict:
+    from .quantization import QuantizationError, loading_kwargs
+
+    device = None
+    if device_map is not None:
+        devices = set(device_map.values()) if isinstance(device_map, dict) else {device_map}
+        if len(devices) != 1:
+            raise QuantizationError(f"a quantized load takes one device, got device_map {device_map!r}")
+        device = next(iter(devices))
+    if is_vlm_type(model_type) and overrides.get("mode") == "wings" and not model_type.startswith("wings_"):
+        # Fresh learners follow the attention's dtype (wings.vlm.attach), which is an integer one once quantized.
+        raise QuantizationError(f"{path} is a stock VLM without Wings parts: a quantized load attaches none; "
+                                "write a Wings directory first (`wings init-model --vlm`), then load that")
+    return loading_kwargs(model_type, quantize, quantization_config, dtype, device)
 
 
 def _stock_config(config):

@@ -34,6 +34,9 @@ def register(sub) -> None:
     p.add_argument("--image", action="append", default=[], metavar="PATH", help="image for the first message")
     p.add_argument("--device", default="auto", help="auto (CUDA, then MPS, then CPU), cpu, cuda, cuda:1, mps")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
+    p.add_argument("--quantize", default=None, choices=["int8", "nf4"],
+                   help="LLM linear layers in 8-bit or 4-bit NF4 (bitsandbytes); Wings parts, projector and vision "
+                        "tower stay in --dtype")
     p.add_argument("--max-new-tokens", type=positive_int, default=256)
     p.add_argument("--do-sample", action="store_true", help="sample instead of greedy decoding")
     p.add_argument("--temperature", type=positive_float, default=None)
@@ -77,7 +80,7 @@ def run(args) -> int:
     images = [load_image(path) for path in args.image]  # fail on a bad file before loading the model
     check_model_dir(args.model_dir, "MODEL_DIR", kind="mllm")  # from config.json alone: nothing allocated yet
     hf_logging.disable_progress_bar()  # stdout/stderr are for the conversation
-    model, processor = load_chat_model(args.model_dir, device=args.device, dtype=args.dtype)
+    model, processor = load_chat_model(args.model_dir, device=args.device, dtype=args.dtype, quantize=args.quantize)
     if args.seed is not None:
         torch.manual_seed(args.seed)
     system = args.system

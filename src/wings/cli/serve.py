@@ -21,6 +21,9 @@ def register(sub) -> None:
     p.add_argument("--port", type=int, default=8000, help="port (0: any free port)")
     p.add_argument("--device", default="auto", help="auto (CUDA, then MPS, then CPU), cpu, cuda, cuda:1, mps")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
+    p.add_argument("--quantize", default=None, choices=["int8", "nf4"],
+                   help="LLM linear layers in 8-bit or 4-bit NF4 (bitsandbytes); Wings parts, projector and vision "
+                        "tower stay in --dtype")
     p.add_argument("--threads", type=int, default=None, metavar="N",
                    help="CPU threads for torch (default: torch's choice); 1 suits small models and shared machines")
     p.add_argument("--max-batch-size", type=int, default=8, metavar="N",
@@ -65,6 +68,19 @@ def check_args(args) -> None:
         raise CLIError(f"--allow-local-images {args.allow_local_images} is not a directory")
 
 
+def load_served(args, model_dir: str, name: str | None, policy):
+    """`ServedModel.load`, with --quantize passed on to the loader (`load_chat_model`)."""
+    from ..serving import ServedModel
+
+    if args.quantize is None:
+        return ServedModel.load(model_dir, name, args.device, args.dtype, policy)
+    from ..generation import load_chat_model
+    from ..paths import escaped
+
+    model, processor = load_chat_model(model_dir, device=args.device, dtype=args.dtype, quantize=args.quantize)
+    return ServedModel(name or escaped(Path(model_dir).resolve().name), model, processor, policy)
+
+
 def run(args) -> int:
     check_args(args)
     try:
@@ -79,7 +95,6 @@ def run(args) -> int:
 
     from ..images import DEFAULT_LIMITS
     from ..paths import escaped, lone_surrogate
-    from ..serving import ServedModel
 
     api_key = args.api_key or os.environ.get("WINGS_API_KEY") or None
     if api_key and lone_surrogate(api_key):  # (a flag was checked by argparse; the variable was not)
@@ -99,13 +114,13 @@ def run(args) -> int:
 
         torch.set_num_threads(args.threads)
     hf_logging.disable_progress_bar()
-    models = [ServedModel.load(args.model_dir, args.served_model_name, args.device, args.dtype, policy)]
+    models = [load_served(args, args.model_dir, args.served_model_name, policy)]
     if args.compare:
         name = args.compare_name
         if name is None:
             name = escaped(Path(args.compare).resolve().name)  # a folder name need not be UTF-8
             name = f"{name}-baseline" if name == models[0].name else name
-        models.append(ServedModel.load(args.compare, name, args.device, args.dtype, policy))
+        models.append(load_served(args, args.compare, name, policy))
     options = ServerOptions(api_key=api_key, max_batch_size=args.max_batch_size, max_queue=args.max_queue,
                             ui=args.ui)
     server = Server(models, options, compare=args.compare is not None)

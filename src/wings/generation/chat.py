@@ -47,9 +47,13 @@ def pick_dtype(requested: str, device: torch.device) -> torch.dtype:
     return torch.float16 if device.type == "mps" else torch.float32
 
 
-def load_chat_model(model_dir: str | Path, device: str = "auto", dtype: str = "auto"):
+def load_chat_model(model_dir: str | Path, device: str = "auto", dtype: str = "auto", quantize: str | None = None):
     """(model, processor) from a saved Wings directory (composed, or a stock VLM with Wings attached) or a stock
-    VLM directory, in eval mode on the chosen device and dtype."""
+    VLM directory, in eval mode on the chosen device and dtype.
+
+    `quantize` ("int8" | "nf4"): the LLM's linear layers in 8-bit or 4-bit NF4 (bitsandbytes), the Wings parts,
+    projector, vision tower and LM head in `dtype` (wings.quantization); a `QuantizationError` (a ValueError) where
+    that cannot run here."""
     from ..model_kinds import load_model, load_processor
 
     path = Path(model_dir)
@@ -58,6 +62,9 @@ def load_chat_model(model_dir: str | Path, device: str = "auto", dtype: str = "a
     if not path.is_dir() or not (path / "config.json").is_file():
         raise ValueError(f"{path} is not a model directory (no config.json)")
     target = pick_device(device)
+    if quantize is not None:  # placed on the device while loading; bitsandbytes weights are not moved after
+        model = load_model(path, dtype=pick_dtype(dtype, target), quantize=quantize, device_map={"": target})
+        return model.eval(), load_processor(path)
     model = load_model(path, dtype=pick_dtype(dtype, target))
     processor = load_processor(path)
     return model.to(target).eval(), processor
