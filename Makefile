@@ -14,7 +14,7 @@ $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	# torch first, alone: pip then takes the local CPU build of 2.13.0 and never a CUDA wheel.
 	$(BIN)/pip install -q torch==2.13.0
-	$(BIN)/pip install -q -e ".[dev,tensorboard,eval,serve,serve-test]"
+	$(BIN)/pip install -q -e ".[dev,tensorboard,eval,serve,serve-test,quantize]"
 	# DeepSpeed (the [deepspeed] extra) is an sdist: build it against the torch above (no build isolation, which
 	# could fetch another torch), without its C++ ops; then JIT-build once the CPU comm op it loads at start (g++).
 	DS_BUILD_OPS=0 $(BIN)/pip install -q --no-build-isolation -e ".[deepspeed]"
