@@ -84,9 +84,8 @@ def check_model_dir(path: str | Path, what: str, kind: str = "wings", weights: b
         _require_wings(path, config, what)
     elif model_type in _vlm_types()[0]:  # a stock VLM: the baseline Wings attaches to
         _require_stock_vlm(path, config, what)
-    elif kind == "mllm":
-        raise ValueError(f"{what} {path} is {describe_kind(config)}; expected a multimodal model (a Wings model or "
-                         "a stock VLM)")
+    elif kind == "mllm":  # anything else is refused here, with the hint that fits it
+        _require_wings(path, config, what, stock_vlm_ok=True)
     elif model_type not in _causal_lm_types():
         raise ValueError(f"{what} {path} is {describe_kind(config)}; expected a Wings model, a stock VLM or a "
                          "causal language model")
@@ -118,9 +117,11 @@ def _require_stock_vlm(path: Path, config: dict, what: str) -> None:
     _require_sub_configs(path, config, what)
 
 
-def _require_wings(path: Path, config: dict, what: str) -> None:
+def _require_wings(path: Path, config: dict, what: str, stock_vlm_ok: bool = False) -> None:
     model_type = config.get("model_type")
     if not is_wings_type(model_type):
+        expected = "'wings', or a stock VLM with or without Wings attached" if stock_vlm_ok else \
+            "'wings', or a stock VLM type with Wings attached"
         hint = ""
         if model_type in _causal_lm_types():
             hint = (f"; build a Wings model from it with `wings init-model --llm {path} --vision VISION_DIR "
@@ -128,7 +129,7 @@ def _require_wings(path: Path, config: dict, what: str) -> None:
         elif model_type in _vlm_types()[0]:
             hint = f"; attach Wings to it with `wings init-model --vlm {path} --out DIR`"
         raise ValueError(f"{what} {path} is {describe_kind(config)}, not a Wings model (config.json model_type "
-                         f"{model_type!r}, expected 'wings' or a stock VLM type with Wings attached){hint}")
+                         f"{model_type!r}, expected {expected}){hint}")
     if model_type != "wings" and not isinstance(config.get("wings"), dict):
         raise ValueError(f"{what} {path}: config.json has no `wings` settings; an unfinished save?")
     _require_sub_configs(path, config, what)
