@@ -109,15 +109,15 @@ def test_a_disconnected_client_leaves_its_batch(wings_pair, image_urls):
 
 def test_a_failing_request_does_not_take_its_batch_down(wings_pair, image_urls, monkeypatch):
     model = wings_pair[0]
-    real_generate = model.generate
-    poison_width = 200  # only the poisoned prompt is this long; `generate` refuses any batch that holds it
+    real_forward = model.forward
+    poison_width = 200  # only the poisoned prompt is this long; the model refuses any prefill that holds it
 
-    def fragile_generate(*args, **kwargs):
+    def fragile_forward(*args, **kwargs):
         if kwargs["input_ids"].shape[1] >= poison_width:
             raise RuntimeError("simulated failure on a long prompt")
-        return real_generate(*args, **kwargs)
+        return real_forward(*args, **kwargs)
 
-    monkeypatch.setattr(model, "generate", fragile_generate)
+    monkeypatch.setattr(model, "forward", fragile_forward)
     specs = [{"messages": user("what shape?", image_urls[i]), "max_tokens": 6} for i in range(3)]
     poisoned = {"messages": user(" ".join(["tell me more"] * 80)), "max_tokens": 6}
     with running([("tiny", wings_pair)], max_batch_size=8) as (url, server):

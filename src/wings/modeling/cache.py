@@ -119,6 +119,55 @@ class WingsDynamicCache(GrowingDynamicCache):
         super().reset()
         self.__dict__.pop("wings_cache", None)  # the next forward starts a new learner cache
 
+    # --- continuous batching: rows join and leave a running batch (TGI's pattern on plain HF caches) -----------
+
+    def concat_batch(self, other: WingsDynamicCache, mask: torch.Tensor, other_mask: torch.Tensor) -> torch.Tensor:
+        """Append `other`'s rows after this cache's rows, in place; return the merged 2D attention mask.
+
+        `mask` [B1, S1] and `other_mask` [B2, S2] are the two batches' attention masks (1 = a real token; they
+        cover exactly the cached columns). The shorter cache is left-padded to the longer one's length: its KV
+        gets zero columns, which the merged mask marks as padding, and its learner cache gets invalid keys (see
+        `LearnerCache.concat_batch`). Both caches must come from the same model; `other` is left unusable."""
+        length, other_length = self.get_seq_length(), other.get_seq_length()
+        if mask.shape[1] != length or other_mask.shape[1] != other_length:
+            raise ValueError(f"the masks cover {mask.shape[1]} and {other_mask.shape[1]} columns but the caches hold "
+                             f"{length} and {other_length}")
+        if len(self.layers) != len(other.layers):
+            raise ValueError(f"cannot merge caches of {len(self.layers)} and {len(other.layers)} layers")
+        width = max(length, other_length)
+        pad, other_pad = width - length, width - other_length
+        for mine, theirs in zip(self.layers, other.layers, strict=True):
+            for layer in (mine, theirs):
+                if getattr(layer, "is_sliding", False) or not isinstance(layer, DynamicLayer):
+                    raise ValueError(f"a running batch merges full-attention dynamic layers only, not "
+                                     f"{type(layer).__name__}")
+            keys = torch.cat([_left_padded(mine.keys, pad), _left_padded(theirs.keys, other_pad)])
+            values = torch.cat([_left_padded(mine.values, pad), _left_padded(theirs.values, other_pad)])
+            _replace(mine, keys, values)
+        learner, other_learner = self._learner, other._learner
+        if (learner is None) != (other_learner is None):
+            raise ValueError("cannot merge a cache with a learner cache and one without")
+        if learner is not None:
+            learner.concat_batch(other_learner, pad, other_pad)
+        return torch.cat([_left_padded(mask, pad), _left_padded(other_mask, other_pad)])
+
+    def filter_batch(self, indices: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """Keep the rows `indices` (in that order) and drop the leading columns that are padding in every kept row;
+        return the kept rows' attention mask, trimmed alike. Learner key columns invalid in every kept row go too."""
+        indices = indices.to(mask.device)
+        mask = mask[indices]
+        if indices.numel() != self.layers[0].keys.shape[0] or bool((indices != torch.arange(
+                indices.numel(), device=indices.device)).any()):
+            self.batch_select_indices(indices)
+        real = mask.bool().any(dim=0)
+        n = int(real.long().argmax()) if bool(real.any()) else mask.shape[1]
+        for layer in self.layers:
+            if n and layer.is_initialized and layer.keys.numel():
+                _replace(layer, layer.keys[:, :, n:], layer.values[:, :, n:])
+        if self._learner is not None:
+            self._learner.drop_leading(n)
+        return mask[:, n:]
+
 
 class WingsStaticCache(StaticCache):
     """A `StaticCache` whose batch and length operations also apply to its (pre-allocated) learner cache."""
@@ -148,6 +197,22 @@ class WingsStaticCache(StaticCache):
         super().reset()
         if self._learner is not None:
             self._learner.reset()
+
+
+def _left_padded(x: torch.Tensor, n: int) -> torch.Tensor:
+    """`x` [B, ..., S, D] (KV) or [B, S] (a mask) with `n` zero columns before its own."""
+    if n == 0:
+        return x
+    dim = 1 if x.dim() == 2 else -2
+    shape = list(x.shape)
+    shape[dim] = n
+    return torch.cat([x.new_zeros(shape), x], dim=dim)
+
+
+def _replace(layer: DynamicLayer, keys: torch.Tensor, values: torch.Tensor) -> None:
+    """New keys/values for a layer: a `GrowingLayer` takes them over as its storage at its next update."""
+    layer.keys, layer.values = keys, values
+    layer.__dict__.pop("_wings_buffers", None)
 
 
 def _device_of(learner: LearnerCache, fallback: torch.Tensor) -> torch.device:

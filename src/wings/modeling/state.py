@@ -19,7 +19,7 @@ from .forward_state import TokenSet, WingsState, gather_tokens, token_segments, 
 from .grouped import token_grouping, visible_prefixes
 from .kernels import WingsKernels
 from .learner import LearnerKeys
-from .router import SEG_IMAGE, check_router_width
+from .router import SEG_IMAGE, SEG_PAD, check_router_width
 from .static_state import StaticLearnerCache, is_static_cache
 
 if TYPE_CHECKING:
@@ -127,11 +127,88 @@ class LearnerCache:
         if self.seen_image is not None:
             self.seen_image = self.seen_image[index]
 
+    def concat_batch(self, other: LearnerCache, pad: int, other_pad: int) -> None:
+        """Append `other`'s rows after this cache's rows (in place; continuous batching).
+
+        The KV cache pads this cache's columns on the left by `pad` and `other`'s by `other_pad` to a common length:
+        the metadata and router values are padded alike (invalid keys, segment "padding", zero values). The learner
+        keys of each kind are left-padded to the longer of the two with invalid keys (`valid=False`, which the
+        learner masks honour); a kind only one side has gets all-invalid columns on the other."""
+        fills = {"key_positions": 0, "key_segments": SEG_PAD, "key_valid": False}
+        rows = (self.key_positions.shape[0], other.key_positions.shape[0])
+        widths = (self.length + pad, other.length + other_pad)  # (equal: the merged KV length)
+        for name in self.columns.keys() | other.columns.keys():  # one column per KV column
+            self.columns[name] = _joined(self.columns.get(name), other.columns.get(name), rows, 1, widths,
+                                         fills.get(name, 0))
+        for kind in self.key_meta.keys() | other.key_meta.keys():  # learner keys: columns of their own
+            metas = (self.key_meta.get(kind), other.key_meta.get(kind))
+            width = max(meta[0].length for meta in metas if meta is not None)
+            self.key_meta[kind] = tuple(
+                _joined(*(meta and meta[i] for meta in metas), rows, 1, (width, width), 0) for i in range(2))
+            for name in sorted({name for name in (*self.kv, *other.kv) if name[1] == kind}):
+                pairs = (self.kv.get(name), other.kv.get(name))
+                self.kv[name] = tuple(_joined(*(pair and pair[i] for pair in pairs), rows, -2, (width, width), 0)
+                                      for i in range(2))
+        seen = [c.seen_image if c.seen_image is not None else torch.zeros(n, dtype=torch.bool,
+                                                                           device=self.key_positions.device)
+                for c, n in zip((self, other), rows, strict=True)]
+        self.seen_image = torch.cat(seen)
+
+    def drop_leading(self, n: int) -> None:
+        """Forget the first `n` KV columns (padding in every row), and learner key columns that are invalid in every
+        row (a kind with no valid key left goes altogether)."""
+        if n:
+            for name, buffer in self.columns.items():
+                self.columns[name] = _rebuilt(buffer, buffer.view[:, n:])
+        for kind, (positions, valid) in list(self.key_meta.items()):
+            keep = valid.view.any(dim=0)
+            if bool(keep.all()):
+                continue
+            names = [name for name in self.kv if name[1] == kind]
+            if not bool(keep.any()):
+                del self.key_meta[kind]
+                for name in names:
+                    del self.kv[name]
+                continue
+            index = keep.nonzero().squeeze(1)
+            self.key_meta[kind] = (_rebuilt(positions, positions.view[:, index]), _rebuilt(valid, valid.view[:, index]))
+            for name in names:
+                self.kv[name] = tuple(_rebuilt(b, b.view.index_select(-2, index)) for b in self.kv[name])
+
     def truncate(self, length: int) -> None:
         """Forget the metadata and router values of KV columns >= length (the learner keys: cache.py)."""
         for buffer in self.columns.values():
             buffer.truncate(length)
         self.seen_image = ((self.key_segments == SEG_IMAGE) & self.key_valid).any(dim=1)
+
+
+def _joined(first: ColumnBuffer | None, second: ColumnBuffer | None, rows: tuple[int, int], dim: int,
+            widths: tuple[int, int], fill) -> ColumnBuffer:
+    """The rows of `first` then those of `second`, each left-padded with `fill` to its width in `widths` along `dim`
+    (of the buffers' views); a side without the buffer (None) is all `fill`."""
+    ref = (first or second).view
+    parts = []
+    for buffer, n, width in zip((first, second), rows, widths, strict=True):
+        view = buffer.view if buffer is not None else ref.new_zeros(_with(ref.shape, {0: n, dim: 0}))
+        missing = width - view.shape[dim]
+        if missing > 0:
+            view = torch.cat([view.new_full(_with(view.shape, {dim: missing}), fill), view], dim=dim)
+        parts.append(view)
+    return _rebuilt(first or second, torch.cat(parts))
+
+
+def _with(shape: torch.Size, sizes: dict[int, int]) -> list[int]:
+    out = list(shape)
+    for dim, size in sizes.items():
+        out[dim] = size
+    return out
+
+
+def _rebuilt(like: ColumnBuffer, view: torch.Tensor) -> ColumnBuffer:
+    """A buffer of `like`'s kind (and growth) holding `view` (a copy)."""
+    if isinstance(like, TransposedColumnBuffer):
+        return TransposedColumnBuffer(view, like.growth)
+    return ColumnBuffer(view, like.dim, like.growth)
 
 
 def learner_cache_of(cache_obj: Cache) -> LearnerCache | StaticLearnerCache:

@@ -1,35 +1,49 @@
 """The HTTP side: a FastAPI app speaking OpenAI's chat-completions API (JSON and server-sent events), plus the
 web page and its few helper routes.
 
-Routes: `POST /v1/chat/completions`, `GET /v1/models`, `GET /health`; for the page: `GET /` (static page),
-`GET /wings/info`, `POST /wings/check-image`, `GET /wings/stats`. With an API key, everything under `/v1` and
-`/wings` needs `Authorization: Bearer KEY` (the page itself and /health stay open).
+Routes: `POST /v1/chat/completions`, `POST /v1/completions` (completions.py), `GET /v1/models`; operations:
+`GET /health` (the process and its scheduler threads are alive), `GET /ready` (models loaded, not draining),
+`GET /metrics` (Prometheus, metrics.py); for the page: `GET /` (static page), `GET /wings/info`,
+`POST /wings/check-image`, `GET /wings/stats`. With an API key, everything under `/v1` and `/wings` needs
+`Authorization: Bearer KEY` (the page, the probes and /metrics stay open). Every response carries an
+`X-Request-Id` and every request one access-log line (observability.py).
+
+Draining (SIGTERM, background.py): `/ready` answers 503 at once, new inference requests get 503 with Retry-After,
+requests already queued or running finish; the process exits once the schedulers are idle or the grace period
+(`--drain-seconds`) is over.
 """
 
 from __future__ import annotations
 
 import asyncio
 import hmac
+import threading
 import time
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from importlib import resources
 
 from fastapi import FastAPI, Request
-from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
+from fastapi.responses import FileResponse, JSONResponse, Response, StreamingResponse
 from fastapi.staticfiles import StaticFiles
 from openai.types.model import Model
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .decoding import Delta, Failure
+from .engine import ContinuousScheduler
 from .errors import APIError, bad_request
 from .inputs import ServedModel
+from .metrics import CONTENT_TYPE, ServerMetrics
+from .observability import AccessRecord, ObservabilityMiddleware
 from .protocol import ChatRequest, chunk, completion, parse_body, parse_chat_request, sse, usage
-from .scheduler import Scheduler, Ticket
+from .scheduler import Scheduler, Ticket, WaveScheduler
 
 DEFAULT_MAX_BODY_BYTES = 100 * 2**20
 DISCONNECT_POLL_SECONDS = 0.5
+
+
+SCHEDULERS = ("continuous", "waves")
 
 
 @dataclass
@@ -39,6 +53,10 @@ class ServerOptions:
     max_queue: int = 64
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
     ui: bool = True
+    scheduler: str = "continuous"  # or "waves" (scheduler.py): the running batch, or one batched generate at a time
+    max_prefill_tokens: int = 4096  # prompt tokens prefilled per iteration of the running batch (engine.py)
+    image_cache_size: int = 256  # images whose projected features are kept (features.py); 0: off
+    drain_seconds: float = 30.0  # on SIGTERM, how long requests in flight may take to finish
 
 
 class Server:
@@ -51,10 +69,37 @@ class Server:
         if len(set(names)) != len(names):
             raise ValueError(f"served model names must differ, got {names}; use --served-model-name/--compare-name")
         self.options = options or ServerOptions()
+        if self.options.scheduler not in SCHEDULERS:
+            raise ValueError(f"scheduler must be one of {SCHEDULERS}, got {self.options.scheduler!r}")
+        self.metrics = ServerMetrics()
         self.models = {m.name: m for m in models}
-        self.schedulers = {m.name: Scheduler(m, self.options.max_batch_size, self.options.max_queue) for m in models}
+        self.schedulers = {m.name: self._scheduler(m) for m in models}
         self.compare = (names[0], names[1]) if compare and len(names) > 1 else None
         self.default = names[0]
+        self.started = False
+        self.draining = threading.Event()
+
+    def _scheduler(self, served: ServedModel) -> Scheduler:
+        o = self.options
+        if o.scheduler == "waves" or served.official:  # official compat: no KV cache, one request at a time
+            return WaveScheduler(served, o.max_batch_size, o.max_queue, metrics=self.metrics)
+        return ContinuousScheduler(served, o.max_batch_size, o.max_queue, metrics=self.metrics,
+                                   max_prefill_tokens=o.max_prefill_tokens, image_cache_size=o.image_cache_size)
+
+    def check_accepting(self) -> None:
+        if self.draining.is_set():
+            raise APIError(503, "the server is draining (shutting down); retry on another replica", code="draining",
+                           headers={"Retry-After": str(max(1, round(self.options.drain_seconds)))})
+
+    def begin_drain(self) -> None:
+        """Stop taking inference requests (`/ready` fails); those already accepted go on."""
+        self.draining.set()
+
+    def idle(self) -> bool:
+        return all(s.idle() for s in self.schedulers.values())
+
+    def alive(self) -> bool:
+        return all(s.alive() for s in self.schedulers.values())
 
     def model_for(self, name: str | None) -> tuple[ServedModel, Scheduler]:
         name = name or self.default
@@ -76,6 +121,7 @@ class Server:
     def start(self) -> None:
         for scheduler in self.schedulers.values():
             scheduler.start()
+        self.started = True
 
     def stop(self) -> None:
         for scheduler in self.schedulers.values():
@@ -93,6 +139,7 @@ def create_app(server: Server) -> FastAPI:
 
     app = FastAPI(title="wings serve", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
     app.state.server = server
+    app.add_middleware(ObservabilityMiddleware, server=server)
 
     @app.exception_handler(APIError)
     async def _api_error(_request: Request, err: APIError):
@@ -108,7 +155,23 @@ def create_app(server: Server) -> FastAPI:
 
     @app.get("/health")
     async def health():
+        """Liveness: the process answers and every scheduler thread runs."""
+        if server.started and not server.alive():
+            return JSONResponse({"status": "error", "reason": "a scheduler thread is not running"}, status_code=503)
         return {"status": "ok"}
+
+    @app.get("/ready")
+    async def ready():
+        """Readiness: the models are loaded and the server takes requests (not draining)."""
+        if server.draining.is_set():
+            return JSONResponse({"status": "draining"}, status_code=503)
+        if not server.started or not server.alive():
+            return JSONResponse({"status": "starting" if not server.started else "error"}, status_code=503)
+        return {"status": "ready", "models": sorted(server.models)}
+
+    @app.get("/metrics")
+    async def metrics():
+        return Response(server.metrics.render(server.schedulers.values()), media_type=CONTENT_TYPE)
 
     @app.get("/v1/models")
     async def models(request: Request):
@@ -120,17 +183,34 @@ def create_app(server: Server) -> FastAPI:
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
+        arrival = time.monotonic()
+        access: AccessRecord = request.state.access
         server.authorize(request)
+        server.check_accepting()
         body = parse_body(await read_body(request, server.options.max_body_bytes))
         chat = parse_chat_request(body)
         served, scheduler = server.model_for(chat.model)
+        access.model, access.stream = served.name, chat.stream
         with scheduler.preparing():
             prepared = await run_in_threadpool(served.prepare, chat)
-            ticket = scheduler.submit(prepared, asyncio.get_running_loop())
+            ticket = scheduler.submit(prepared, asyncio.get_running_loop(), arrival)
         if chat.stream:
-            return StreamingResponse(stream_events(ticket, chat, served), media_type="text/event-stream",
+            return StreamingResponse(stream_events(ticket, chat, served, access), media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
-        return JSONResponse(await collect(ticket, chat, served, request))
+        return JSONResponse(await collect(ticket, chat, served, request, access))
+
+    @app.post("/v1/completions")
+    async def completions(request: Request):
+        from .completions import parse_completion_request
+        from .text_completions import answer_completions
+
+        arrival = time.monotonic()
+        server.authorize(request)
+        server.check_accepting()
+        body = parse_body(await read_body(request, server.options.max_body_bytes))
+        parsed = parse_completion_request(body)
+        served, scheduler = server.model_for(parsed.model)
+        return await answer_completions(parsed, served, scheduler, request, arrival)
 
     @app.get("/wings/info")
     async def info(request: Request):
@@ -196,21 +276,25 @@ def _extension(chat: ChatRequest, served: ServedModel, delta: Delta | None = Non
     return ext
 
 
-async def stream_events(ticket: Ticket, chat: ChatRequest, served: ServedModel):
+async def stream_events(ticket: Ticket, chat: ChatRequest, served: ServedModel, access: AccessRecord | None = None):
     """Server-sent events: a role chunk, content chunks as rows advance, the finish chunk, usage, [DONE]."""
     created = int(time.time())
+    finish = None
     try:
         yield chunk(ticket.id, served.name, created, role="assistant", content="",
                     extension=_extension(chat, served, first=True))
         while True:
             event = await ticket.queue.get()
             if isinstance(event, Failure):
+                if access is not None:
+                    access.error_status = event.error.status
                 yield sse(event.error.body())
                 break
             ext = _extension(chat, served, event)
             if event.text or ext:
                 yield chunk(ticket.id, served.name, created, content=event.text, extension=ext)
             if event.finish_reason is not None:
+                finish = event.finish_reason
                 yield chunk(ticket.id, served.name, created, finish_reason=event.finish_reason)
                 if chat.stream_options is not None and chat.stream_options.include_usage:
                     use = usage(ticket.prepared.prompt_tokens, event.completion_tokens)
@@ -219,20 +303,29 @@ async def stream_events(ticket: Ticket, chat: ChatRequest, served: ServedModel):
         yield sse("[DONE]")
     finally:
         ticket.cancel()  # a no-op once finished; on a disconnect the scheduler stops spending steps on it
+        if access is not None:
+            access.note_ticket(ticket, finish if finish is not None else None if ticket.done else "abort")
 
 
-async def collect(ticket: Ticket, chat: ChatRequest, served: ServedModel, request: Request) -> dict:
+async def wait_event(ticket: Ticket, request: Request):
+    """The ticket's next event; a client that disconnects meanwhile cancels its row (a 499 nobody receives)."""
+    while True:
+        try:
+            return await asyncio.wait_for(ticket.queue.get(), DISCONNECT_POLL_SECONDS)
+        except TimeoutError:
+            if await request.is_disconnected():
+                ticket.cancel()
+                raise APIError(499, "the client closed the connection") from None
+
+
+async def collect(ticket: Ticket, chat: ChatRequest, served: ServedModel, request: Request,
+                  access: AccessRecord | None = None) -> dict:
     """The whole answer; a client that disconnects meanwhile cancels its row."""
     text, cells, prompt_cells = [], [], None
+    event = None
     try:
         while True:
-            try:
-                event = await asyncio.wait_for(ticket.queue.get(), DISCONNECT_POLL_SECONDS)
-            except TimeoutError:
-                if await request.is_disconnected():
-                    ticket.cancel()
-                    raise APIError(499, "the client closed the connection") from None
-                continue
+            event = await wait_event(ticket, request)
             if isinstance(event, Failure):
                 raise event.error
             text.append(event.text)
@@ -243,6 +336,9 @@ async def collect(ticket: Ticket, chat: ChatRequest, served: ServedModel, reques
                 break
     finally:
         ticket.cancel()
+        if access is not None:
+            reason = event.finish_reason if isinstance(event, Delta) else None
+            access.note_ticket(ticket, reason if reason is not None else None if ticket.done else "abort")
     extension = _extension(chat, served, first=True)
     if extension:
         extension["tokens"] = cells

@@ -10,6 +10,7 @@
 - `PerRowSampler`: a `LogitsProcessor` that samples the rows that asked for sampling, each with its own
   temperature / top-p and its own seeded generator, and leaves greedy rows to `generate`'s argmax. A seeded
   request therefore gets the same tokens whatever else shares its batch.
+- `RowSampler`: the same choice for one row of the running batch (engine.py), which has no `generate` around it.
 """
 
 from __future__ import annotations
@@ -199,6 +200,33 @@ class WaveMonitor(StoppingCriteria):
                 if token not in self.visual_ids:
                     cells.append(router_cell(token, piece, layer_weights))
             row.ticket.push(Delta(prompt_cells=cells))
+
+
+class RowSampler:
+    """One row's choice of token in the running batch: greedy (None from `choose`: the batch's argmax stands), or
+    sampled with this request's own warpers and seeded generator, as `PerRowSampler` samples in a wave."""
+
+    def __init__(self, sampling, device: torch.device):
+        self.warpers = None
+        self.generator = None
+        if sampling.temperature is None:
+            return
+        self.warpers = [TemperatureLogitsWarper(sampling.temperature)]
+        if sampling.top_k:
+            self.warpers.append(TopKLogitsWarper(sampling.top_k))
+        if sampling.top_p is not None and sampling.top_p < 1.0:
+            self.warpers.append(TopPLogitsWarper(sampling.top_p))
+        seed = sampling.seed if sampling.seed is not None else secrets.randbits(63)
+        self.generator = torch.Generator(device=device).manual_seed(seed)
+
+    def choose(self, scores: torch.Tensor) -> int | None:
+        """scores [V] (placeholders already at -inf) -> the sampled token, or None for greedy."""
+        if self.warpers is None:
+            return None
+        row = scores[None]
+        for warper in self.warpers:
+            row = warper(None, row)
+        return int(torch.multinomial(row.softmax(dim=-1)[0], 1, generator=self.generator))
 
 
 class PerRowSampler(LogitsProcessor):

@@ -20,6 +20,7 @@ from ..paths import escaped
 from ..processing import IMAGE_TOKEN
 from ..prompting import Prompt, codec_for
 from .errors import bad_request
+from .features import image_hash
 from .hf_compat import to_processor_messages
 from .protocol import GREEDY_BELOW_TEMPERATURE, ChatRequest
 
@@ -62,6 +63,9 @@ class Prepared:
     stop: list[str] = field(default_factory=list)
     router: bool = False
     prompt_router: bool = False
+    image_hashes: list[str] = field(default_factory=list)  # sha256 of each image's pixels (the feature cache's key)
+    logprobs: int | None = None  # completions: log-probabilities of generated tokens, with this many top tokens
+    echo_logprobs: int | None = None  # completions with echo: the prompt tokens' log-probabilities too
 
     @property
     def input_ids(self) -> list[int]:
@@ -171,7 +175,7 @@ class ServedModel:
             prompt = self.codec.encode(messages, pil_images)
         visual = sum(token in self.facts.visual_ids for token in prompt.ids)
         return Prepared(
-            prompt=prompt, n_images=len(pil_images),
+            prompt=prompt, n_images=len(pil_images), image_hashes=[image_hash(im) for im in pil_images],
             max_new_tokens=self._max_new_tokens(request, len(prompt.ids), len(pil_images), visual),
             sampling=self._sampling(request), stop=request.stop_sequences,
             router=request.wings_router, prompt_router=request.wings_prompt_router,

@@ -1,15 +1,18 @@
-"""One thread owns the model and runs every forward; waiting requests run together in one batched `generate`.
+"""The request queue every scheduler shares, and the wave scheduler (`--scheduler waves`).
 
-The Wings hooks keep per-call state on the attention modules, so two forwards must never overlap on a model:
-the scheduler thread is the only caller of `model.generate`. When it is free it takes up to `max_batch_size`
-waiting requests (a *wave*), left-pads them into one batch with all their images, and runs `generate` with
-the learner-aware cache. Each row streams to its own client as tokens arrive; a finished or disconnected row
-is padded from then on while the others go on. Requests that arrive during a wave wait for the next one:
-admitting them into the running batch would need a batch *concatenation* of the KV and learner caches, which
-the cache does not offer as a public operation (only selecting, reordering and cropping).
+One thread owns the model and runs every forward: the Wings hooks keep per-call state on the attention modules, so
+two forwards must never overlap on a model. Requests arrive as `Ticket`s (client side: an event loop) and wait in
+one bounded queue (429 with Retry-After past `max_queue`, 503 while shutting down).
 
-If a batched `generate` raises, the wave's requests that have not streamed anything yet are retried one at a
-time, so a request that fails on its own gets the error and the others their answers.
+Two schedulers take them from there:
+- `ContinuousScheduler` (engine.py, the default): requests join the running batch between decode steps.
+- `WaveScheduler` (here): when free, the thread takes up to `max_batch_size` waiting requests (a *wave*),
+  left-pads them into one batch with all their images, and runs `generate` with the learner-aware cache. Each row
+  streams to its own client as tokens arrive; a finished or disconnected row is padded from then on while the
+  others go on; requests that arrive during a wave wait for the next one. Kept for comparison (benchmarks) and
+  for `compat='official'` models, which decode without a KV cache, one request at a time.
+  If a batched `generate` raises, the wave's requests that have not streamed anything yet are retried one at a
+  time, so a request that fails on its own gets the error and the others their answers.
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ from transformers import LogitsProcessorList, StoppingCriteriaList
 from .decoding import Delta, Failure, PerRowSampler, RowDecoder, WaveMonitor
 from .errors import APIError
 from .inputs import Prepared, ServedModel
+from .metrics import RequestTimes, ServerMetrics
 
 logger = logging.getLogger("wings.serve")
 MAX_GATHER_SECONDS = 0.25
@@ -39,7 +43,7 @@ SAMPLING_KEYS = ("do_sample", "temperature", "top_p", "top_k", "min_p", "typical
 class Ticket:
     """One request between its client (event loop) and the scheduler thread."""
 
-    def __init__(self, prepared: Prepared, loop: asyncio.AbstractEventLoop):
+    def __init__(self, prepared: Prepared, loop: asyncio.AbstractEventLoop, times: RequestTimes | None = None):
         self.id = f"chatcmpl-{uuid.uuid4().hex}"
         self.prepared = prepared
         self.loop = loop
@@ -48,13 +52,30 @@ class Ticket:
         self.emitted = False  # some text or router cells already went to the client
         self.done = False
         self.submitted_at = time.monotonic()
+        self.times = times or RequestTimes(None, "", self.submitted_at)
+        # Completions with `logprobs`: one (token id, logprob, top [(id, logprob)]) per generated token, and the
+        # prompt's (echo), filled by the scheduler thread before the event that ends the request.
+        self.token_logprobs: list[tuple[int, float, list[tuple[int, float]]]] = []
+        self.prompt_logprobs: list[tuple[int, float | None, list[tuple[int, float]] | None]] | None = None
 
     def note(self, event: Delta | Failure) -> None:
-        """Update the flags the scheduler reads (in the scheduler's thread, before the event is handed over)."""
+        """Update the flags the scheduler reads and the request's clock (in the scheduler's thread, before the event
+        is handed over)."""
         if isinstance(event, Delta) and (event.text or event.cells):
             self.emitted = True
+        if isinstance(event, Delta):
+            now = time.monotonic()
+            self.times.tokens_until(event.completion_tokens, now)
+            if event.finish_reason is not None:
+                self.times.finish(event.finish_reason, self.prepared.prompt_tokens, now)
         if isinstance(event, Failure) or event.finish_reason is not None:
             self.done = True
+
+    def aborted(self, tokens: int) -> None:
+        """The client went away after `tokens` tokens (counted as finished_reason "abort", as vLLM does)."""
+        now = time.monotonic()
+        self.times.tokens_until(tokens, now)
+        self.times.finish("abort", self.prepared.prompt_tokens, now)
 
     def push(self, event: Delta | Failure) -> None:
         self.note(event)
@@ -77,10 +98,12 @@ class Ticket:
 
 
 class Scheduler:
-    """Owns `served.model`: a queue of tickets and the thread that runs them in waves."""
+    """Owns `served.model`: a queue of tickets and the thread that runs them (`_loop`, in a subclass)."""
+
+    kind = "base"
 
     def __init__(self, served: ServedModel, max_batch_size: int = 8, max_queue: int = 64,
-                 gather_seconds: float = 0.02):
+                 gather_seconds: float = 0.02, metrics: ServerMetrics | None = None):
         if max_batch_size < 1 or max_queue < 1:
             raise ValueError(f"max_batch_size and max_queue must be >= 1, got {max_batch_size} and {max_queue}")
         self.served = served
@@ -94,6 +117,7 @@ class Scheduler:
         # instead of the first one running alone.
         self.gather_seconds = gather_seconds
         self._preparing = 0
+        self._running = 0  # rows decoding now (written by the scheduler thread only)
         self._pending: deque[Ticket] = deque()
         self._cond = threading.Condition()
         self._paused = False
@@ -102,10 +126,13 @@ class Scheduler:
         self.batch_sizes: Counter = Counter()  # wave size -> number of waves
         self.cancelled_rows = 0  # rows that stopped early because their client went away
         self._recent_wave_seconds: deque[float] = deque(maxlen=20)
+        self.metrics = metrics
+        self.failed = False  # the thread died (`/health` then answers 503)
 
     # --- client side (event loop) ----------------------------------------------------------------------------
 
-    def submit(self, prepared: Prepared, loop: asyncio.AbstractEventLoop) -> Ticket:
+    def submit(self, prepared: Prepared, loop: asyncio.AbstractEventLoop, arrival: float | None = None) -> Ticket:
+        """Queue a request (`arrival`: when its HTTP request came in, for the time-to-first-token metric)."""
         with self._cond:
             if self._stopping:
                 raise APIError(503, "the server is shutting down", code="shutting_down",
@@ -114,7 +141,8 @@ class Scheduler:
                 raise APIError(429, f"the server's queue is full ({self.max_queue} requests waiting for model "
                                     f"{self.served.name}); retry shortly", code="queue_full",
                                headers={"Retry-After": str(self.retry_after())})
-            ticket = Ticket(prepared, loop)
+            times = RequestTimes(self.metrics, self.served.name, arrival if arrival is not None else time.monotonic())
+            ticket = Ticket(prepared, loop, times)
             self._pending.append(ticket)
             self._cond.notify()
             return ticket
@@ -142,6 +170,17 @@ class Scheduler:
         with self._cond:
             return len(self._pending)
 
+    def running_count(self) -> int:
+        return self._running
+
+    def idle(self) -> bool:
+        """Nothing waiting and nothing running (draining waits for this)."""
+        with self._cond:
+            return not self._pending and self._running == 0
+
+    def alive(self) -> bool:
+        return self._thread is not None and self._thread.is_alive() and not self.failed
+
     def pause(self) -> None:
         """Start no new wave until `resume` (requests keep queueing): for draining and for tests."""
         with self._cond:
@@ -155,17 +194,17 @@ class Scheduler:
     def stats(self) -> dict:
         waves = sum(self.batch_sizes.values())
         requests = sum(size * n for size, n in self.batch_sizes.items())
-        return {"model": self.served.name, "waves": waves, "requests": requests,
+        return {"model": self.served.name, "scheduler": self.kind, "waves": waves, "requests": requests,
                 "max_batch_size_seen": max(self.batch_sizes, default=0),
                 "mean_batch_size": round(requests / waves, 3) if waves else 0.0,
                 "cancelled_rows": self.cancelled_rows,
-                "waiting": self.pending_count()}
+                "waiting": self.pending_count(), "running": self.running_count()}
 
     # --- lifecycle ------------------------------------------------------------------------------------------
 
     def start(self) -> None:
         if self._thread is None:
-            self._thread = threading.Thread(target=self._loop, name=f"wings-scheduler-{self.served.name}",
+            self._thread = threading.Thread(target=self._guarded_loop, name=f"wings-scheduler-{self.served.name}",
                                             daemon=True)
             self._thread.start()
 
@@ -182,6 +221,31 @@ class Scheduler:
             for_thread.join(timeout)
 
     # --- the model's thread ---------------------------------------------------------------------------------
+
+    def _guarded_loop(self) -> None:
+        try:
+            self._loop()
+        except BaseException:
+            self.failed = True
+            logger.exception("the scheduler thread of %s died", self.served.name)
+            raise
+
+    def _loop(self) -> None:
+        raise NotImplementedError
+
+    def _eos_token_ids(self) -> set[int]:
+        eos = self.served.model.generation_config.eos_token_id
+        ids = set(eos if isinstance(eos, list) else [] if eos is None else [eos])
+        tokenizer_eos = self.served.processor.tokenizer.eos_token_id
+        if tokenizer_eos is not None:
+            ids.add(tokenizer_eos)
+        return ids
+
+
+class WaveScheduler(Scheduler):
+    """Waiting requests run together in one batched `generate` (a wave); newcomers wait for the next wave."""
+
+    kind = "waves"
 
     def _next_wave(self) -> list[Ticket] | None:
         with self._cond:
@@ -208,11 +272,15 @@ class Scheduler:
                 continue
             started = time.monotonic()
             self.batch_sizes[len(wave)] += 1
+            self._running = len(wave)
+            for ticket in wave:
+                ticket.times.admit(started, ticket.submitted_at)
             try:
                 self._generate(wave)
             except Exception as err:  # noqa: BLE001  (isolate the failing request, keep the server alive)
                 logger.exception("batched generate of %d requests failed", len(wave))
                 self._retry_alone(wave, err)
+            self._running = 0
             self._recent_wave_seconds.append(time.monotonic() - started)
 
     def _retry_alone(self, wave: list[Ticket], err: Exception) -> None:
@@ -254,12 +322,6 @@ class Scheduler:
                            **extra)
         for row in rows:
             row.close()
+            if row.stopped_by_cancel:
+                row.ticket.aborted(row.tokens)
         self.cancelled_rows += sum(row.stopped_by_cancel for row in rows)
-
-    def _eos_token_ids(self) -> set[int]:
-        eos = self.served.model.generation_config.eos_token_id
-        ids = set(eos if isinstance(eos, list) else [] if eos is None else [eos])
-        tokenizer_eos = self.served.processor.tokenizer.eos_token_id
-        if tokenizer_eos is not None:
-            ids.add(tokenizer_eos)
-        return ids
