@@ -30,6 +30,17 @@ def register(sub) -> None:
                    help="most requests run together in one batched generate")
     p.add_argument("--max-queue", type=int, default=64, metavar="N",
                    help="most requests waiting per model; more get 429 with Retry-After")
+    p.add_argument("--scheduler", default="continuous", choices=["continuous", "waves"],
+                   help="continuous: requests join the running batch between decode steps; waves: one batched "
+                        "generate at a time, newcomers wait for the next (for comparison)")
+    p.add_argument("--max-prefill-tokens", type=int, default=4096, metavar="N",
+                   help="prompt tokens prefilled per iteration of the running batch (bounds how long running "
+                        "streams pause for newcomers; a longer prompt is still admitted alone)")
+    p.add_argument("--image-cache-size", type=int, default=256, metavar="N",
+                   help="images whose projected features are kept (LRU, keyed by the pixels' sha256); 0: off")
+    p.add_argument("--drain-seconds", type=float, default=30.0, metavar="S",
+                   help="on SIGTERM: refuse new requests (503), let those in flight finish for up to S seconds, "
+                        "then exit 0")
     p.add_argument("--api-key", default=None, metavar="KEY", type=text,
                    help="require `Authorization: Bearer KEY` (default: the WINGS_API_KEY environment variable)")
     p.add_argument("--allow-local-images", default=None, metavar="DIR",
@@ -56,9 +67,13 @@ def check_args(args) -> None:
         raise CLIError(f"--port must be between 0 and 65535, got {args.port}")
     if args.threads is not None and args.threads < 1:
         raise CLIError(f"--threads must be at least 1, got {args.threads}")
-    for flag in ("max_batch_size", "max_queue", "max_images", "default_max_tokens"):
+    for flag in ("max_batch_size", "max_queue", "max_images", "default_max_tokens", "max_prefill_tokens"):
         if getattr(args, flag) < 1:
             raise CLIError(f"--{flag.replace('_', '-')} must be at least 1, got {getattr(args, flag)}")
+    if args.image_cache_size < 0:
+        raise CLIError(f"--image-cache-size must be at least 0, got {args.image_cache_size}")
+    if not args.drain_seconds >= 0:
+        raise CLIError(f"--drain-seconds must be at least 0, got {args.drain_seconds}")
     if args.max_image_pixels is not None and args.max_image_pixels < 1:
         raise CLIError(f"--max-image-pixels must be at least 1, got {args.max_image_pixels}")
     for flag, path in (("MODEL_DIR", args.model_dir), ("--compare", args.compare)):
@@ -122,12 +137,13 @@ def run(args) -> int:
             name = f"{name}-baseline" if name == models[0].name else name
         models.append(load_served(args, args.compare, name, policy))
     options = ServerOptions(api_key=api_key, max_batch_size=args.max_batch_size, max_queue=args.max_queue,
-                            ui=args.ui)
+                            ui=args.ui, scheduler=args.scheduler, max_prefill_tokens=args.max_prefill_tokens,
+                            image_cache_size=args.image_cache_size, drain_seconds=args.drain_seconds)
     server = Server(models, options, compare=args.compare is not None)
     url = url_of(sock)
     names = ", ".join(m.name for m in models)
     print(f"wings serve: {names} at {url}/v1 (OpenAI chat completions)" + (f"; web page: {url}/" if args.ui else ""),
           file=sys.stderr, flush=True)
-    serve_forever(create_app(server), sock, log_level=args.log_level)
+    serve_forever(create_app(server), sock, log_level=args.log_level, drain=server)
     print("wings serve: stopped", file=sys.stderr)
     return 0
