@@ -16,6 +16,7 @@
 from __future__ import annotations
 
 import secrets
+import time
 from dataclasses import dataclass
 
 import torch
@@ -80,6 +81,9 @@ class RowDecoder:
             self.finished = self.stopped_by_cancel = True
             return True
         self.tokens += 1
+        times = getattr(self.ticket, "times", None)
+        if times is not None:  # metrics: when each token was chosen (its delivery may wait for more text)
+            times.tokens_until(self.tokens, time.monotonic())
         reason, piece = None, ""
         if token in self.eos:
             reason = "stop"

@@ -99,11 +99,11 @@ class RequestTimes:
             return
         m = self.metrics
         if self.first_token is None:
-            self.first_token = now
+            self.first_token = self.last_token = now
             if m is not None:
                 m.ttft.labels(self.model).observe(now - self.arrival)
             new -= 1
-        elif m is not None:
+        if m is not None and new > 0:
             gap = (now - self.last_token) / new
             for _ in range(new):
                 m.itl.labels(self.model).observe(gap)

@@ -63,11 +63,10 @@ class Ticket:
         is handed over)."""
         if isinstance(event, Delta) and (event.text or event.cells):
             self.emitted = True
-        if isinstance(event, Delta):
+        if isinstance(event, Delta) and event.finish_reason is not None:
             now = time.monotonic()
             self.times.tokens_until(event.completion_tokens, now)
-            if event.finish_reason is not None:
-                self.times.finish(event.finish_reason, self.prepared.prompt_tokens, now)
+            self.times.finish(event.finish_reason, self.prepared.prompt_tokens, now)
         if isinstance(event, Failure) or event.finish_reason is not None:
             self.done = True
 
