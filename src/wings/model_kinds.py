@@ -103,17 +103,24 @@ def load_model(path: str | Path, dtype: torch.dtype | None = None, overrides: di
     `BitsAndBytesConfig`) loads the LLM's linear layers quantized, on `device_map`'s one device (default: CUDA
     when present, else CPU); the learners, router, projector, vision tower and LM head stay in `dtype`
     (wings.quantization)."""
-    from transformers import AutoConfig, AutoModelForImageTextToText
-
     import wings  # noqa: F401  (registers the Auto classes)
 
     overrides = dict(overrides or {})
     if dtype is not None:
         kwargs["dtype"] = dtype
     model_type = read_model_type(path)
-    if quantize is not None or quantization_config is not None:
-        kwargs.update(_quantized_kwargs(path, model_type, overrides, quantize, quantization_config, dtype,
-                                        kwargs.pop("device_map", None)))
+    if quantize is None and quantization_config is None:
+        return _load(path, model_type, overrides, kwargs)
+    from .quantization import after_load
+
+    kwargs.update(_quantized_kwargs(path, model_type, overrides, quantize, quantization_config, dtype,
+                                    kwargs.pop("device_map", None)))
+    return after_load(_load(path, model_type, overrides, kwargs))
+
+
+def _load(path: str | Path, model_type: str | None, overrides: dict[str, Any], kwargs: dict[str, Any]) -> nn.Module:
+    from transformers import AutoConfig, AutoModelForImageTextToText
+
     if not is_vlm_type(model_type):
         return AutoModelForImageTextToText.from_pretrained(path, **overrides, **kwargs)
     from .vlm import WingsSettings

@@ -130,6 +130,20 @@ def loading_kwargs(model_type: str | None, quantize: str | None, quantization_co
     return {"quantization_config": config, "device_map": {"": device}}
 
 
+def after_load(model: nn.Module) -> nn.Module:
+    """Fix-ups a quantized model needs before it runs; returns the model.
+
+    On CPUs with AVX512-BF16, bitsandbytes 0.50.2 repacks an NF4 layer for its fused CPU kernel at the first
+    forward, which assumes out_features % 32 == 0 and in_features % blocksize == 0 (`_convert_weight_packed_for_cpu`)
+    and fails on other shapes (small test models); those layers keep the dequantizing path instead."""
+    for module in model.modules():
+        if type(module).__name__ == "Linear4bit" and getattr(module, "support_avx512bf16_for_cpu", False):
+            blocksize = getattr(module.weight, "blocksize", 64)
+            if module.out_features % 32 or module.in_features % blocksize:
+                module.support_avx512bf16_for_cpu = False
+    return model
+
+
 def quantized_modules(model: nn.Module) -> dict[str, str]:
     """Module name -> class name of every quantized linear layer (bitsandbytes' `Linear8bitLt` / `Linear4bit`)."""
     return {name: type(module).__name__ for name, module in model.named_modules()
