@@ -83,9 +83,9 @@ def test_quantized_load_keeps_the_wings_parts_and_answers(model_dirs, kind, meth
         full = reference(**batch).logits
     assert torch.isfinite(logits).all()
     if method == "int8":
-        # Relative logit error of LLM.int8 on these random tiny models: 0.004-0.06 over 3 seeds, 3 model families,
-        # 1 and 2 torch threads (NF4's is 0.1-0.6 there: 4 bits on random weights of width 32-64 lose more).
-        assert ((logits - full).norm() / full.norm()).item() < 0.15
+        # Relative logit error of LLM.int8 on these models: 0.0014-0.0031 over seeds 0-3, both kinds, 1 and 2 torch
+        # threads (0.004-0.06 with every LLM weight random at std 0.3; NF4 loses more on widths of 32-64).
+        assert ((logits - full).norm() / full.norm()).item() < 0.02
     # The learners still act on top of the quantized layers: silencing their outputs changes the logits.
     with torch.no_grad():
         for name, param in model.named_parameters():
