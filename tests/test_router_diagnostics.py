@@ -13,8 +13,8 @@ from test_training_stages import stage_config, write_records
 from wings.training import train
 from wings.training.router_diagnostics import LOG_FILE, read_rows
 
-KEYS = ("router/w_v_image_tokens", "router/w_v_text_tokens", "router/w_v_std", "router/entropy",
-        "router/logit_gap")
+KEYS = ("router/w_v_image_tokens", "router/w_v_text_tokens", "router/w_v_std", "router/w_v_std_in_layer",
+        "router/entropy", "router/logit_gap")
 
 
 class LogCapture(TrainerCallback):
@@ -51,6 +51,7 @@ def test_learned_router_is_logged_every_step(tiny_model_dir, mixed_data, tmp_pat
     assert image_steps and text_steps
     for row in image_steps:
         assert all(0.0 <= row[k] <= 1.0 for k in KEYS if k.startswith("router/w_v"))
+        assert row["router/w_v_std_in_layer"] <= row["router/w_v_std"] + 1e-9  # pooling adds the layers' spread
         assert 0.0 <= row["router/entropy"] <= math.log(2) + 1e-6
         assert row["router/grad_norm"] > 0.0  # the router trains on image batches
         assert set(row["per_layer_w_v"]) == {"0", "1"}
@@ -75,7 +76,7 @@ def test_ablation_modes_log_their_exact_weights(tiny_model_dir, mixed_data, tmp_
             assert row["router/w_v_text_only"] == text_only
             seen.add("text_only")
         if "router/w_v_std" in row:
-            assert row["router/w_v_std"] == 0.0
+            assert row["router/w_v_std"] == 0.0 and row["router/w_v_std_in_layer"] == 0.0
         assert "router/grad_norm" not in row  # a frozen router has no gradient to report
     assert seen == {"router/w_v_image_tokens", "router/w_v_text_tokens", "text_only"}
 

@@ -117,3 +117,13 @@ def test_study_rejects_bad_options(tmp_path, capsys):
         err = capsys.readouterr().err
         assert message in err and "Traceback" not in err
     assert not (tmp_path / "s").exists()
+
+
+@pytest.mark.slow
+def test_report_only_rebuilds_the_same_outputs(study, capsys):
+    out, _, _, results = study
+    (out / "table.md").unlink()
+    assert wings_main(["study", "--report-only", "--out", str(out)]) == 0
+    rebuilt = json.loads((out / "results.json").read_text())
+    assert (out / "table.md").read_text().strip() == results["table"].strip()
+    assert rebuilt["summary"] == results["summary"] and rebuilt["claims"] == results["claims"]

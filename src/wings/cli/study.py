@@ -23,6 +23,9 @@ def register(sub) -> None:
                    help="train N variants at a time, each in its own process with 1 torch thread")
     p.add_argument("--resume", action="store_true",
                    help="keep what an earlier run with the same plan finished in --out (shared stages, variants)")
+    p.add_argument("--report-only", action="store_true",
+                   help="train nothing: rewrite results.json, table.md, REPORT.md and the plots from the seed-N/ "
+                        "results already in --out")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(func=run)
 
@@ -45,15 +48,20 @@ def run(args) -> int:
         torch.set_num_threads(args.threads)
     mode = "quick" if args.quick else "full"
     seeds = list(range(args.seed, args.seed + args.seeds))
-    print(f"wings study: {mode} mode, seeds {seeds[0]}..{seeds[-1]}, {len(names)} variants -> {args.out} "
-          f"(full logs in {args.out}/seed-N/logs/)", flush=True)
-    results = run_study(args.out, mode=mode, seeds=seeds, variants=names, progress=not args.no_progress,
-                        resume=args.resume, workers=args.workers)
+    if args.report_only:
+        from ..demo.study import rebuild_report
+
+        results = rebuild_report(args.out)
+    else:
+        print(f"wings study: {mode} mode, seeds {seeds[0]}..{seeds[-1]}, {len(names)} variants -> {args.out} "
+              f"(full logs in {args.out}/seed-N/logs/)", flush=True)
+        results = run_study(args.out, mode=mode, seeds=seeds, variants=names, progress=not args.no_progress,
+                            resume=args.resume, workers=args.workers)
     print(results["table"])
     for claim in results["claims"]:
         print(f"- {claim['claim']}: {claim['verdict']} ({claim['figure']})")
     t = results["timings"]
     print(f"total time {t['total']:.0f} s (per seed {', '.join(f'{s:.0f}' for s in t['per_seed'])} s; CPU time "
-          f"{t['cpu_total']:.0f} s; {t['threads']} thread(s), {t['workers']} worker(s))")
+          f"{t['cpu_total']:.0f} s; {t['threads']} thread(s), {t.get('workers', 1)} worker(s))")
     print(f"report: {args.out}/REPORT.md (results.json, table.md, tradeoff.png, router.png beside it)")
     return 0

@@ -201,13 +201,21 @@ def score_model(path: Path, label: str, files: dict[str, Path], with_vqa: bool =
     return scores
 
 
+def profile_router(sp: StudyPlan, model_dir: Path, files: dict[str, Path]) -> dict:
+    """The trained router's w_v by question type, token kind and layer (wings.demo.router_profile)."""
+    from ..evaluation import load_task
+    from .router_profile import router_profile
+
+    tasks = {name: load_task(files[name]).items for name in ("vqa_test", "text_heldout")}
+    categories = {"vqa_test": {t["id"]: t.get("category", "all") for t in _read_jsonl(files["vqa_test"])}}
+    return router_profile(model_dir, tasks, categories, max_items=sp.profile_items)
+
+
 def evaluate_variant(out: Path, sp: StudyPlan, variant: Variant, model_dir: Path, files: dict[str, Path],
                      seed: int) -> dict:
     """Scores, IIT, LAWS and (learned router) the router's diagnostics and profile of one trained variant."""
-    from ..evaluation import load_task
     from ..training.router_diagnostics import read_rows
     from .analysis import run_iit, run_laws
-    from .router_profile import router_profile
 
     p = sp.demo
     result = {"scores": score_model(model_dir, variant.name, files)}
@@ -216,10 +224,7 @@ def evaluate_variant(out: Path, sp: StudyPlan, variant: Variant, model_dir: Path
     result["laws"] = {"attention_shift": laws["attention_shift"], "laws_mean": laws["laws_mean"]}
     if variant.has_router:
         rows = read_rows(model_dir.parent / "router_diagnostics.jsonl")
-        result["router"] = {"diagnostics": rows}
-        tasks = {name: load_task(files[name]).items for name in ("vqa_test", "text_heldout")}
-        categories = {"vqa_test": {t["id"]: t.get("category", "all") for t in _read_jsonl(files["vqa_test"])}}
-        result["router"]["profile"] = router_profile(model_dir, tasks, categories, max_items=sp.profile_items)
+        result["router"] = {"diagnostics": rows, "profile": profile_router(sp, model_dir, files)}
     return result
 
 
@@ -326,7 +331,7 @@ def run_study_seed(out: Path, sp: StudyPlan, seed: int, names: list[str], consol
     results = {"seed": seed, "mode": sp.mode, "plan": asdict(sp.demo), "threads": torch.get_num_threads(),
                "workers": workers, "base": {"scores": shared["base_scores"], **shared["base_llm"]},
                "vision": shared["vision"], "shared_stages": shared["stages"], "shared_timings": shared["timings"],
-               "variants": variants, "interp": curve,
+               "variants": variants, "interp": curve, "files": shared["files"],
                "lora": {"rank": rank, "params": lora_params, "learner_params": learner_params},
                "seconds": round(time.perf_counter() - t0, 1)}
     write_json(out / "results.json", results)
@@ -357,3 +362,34 @@ def run_study(out_dir: str | Path, mode: str = "full", seeds: list[int] | None =
     timings = {"total": round(time.perf_counter() - t0, 1), "cpu_total": round(_cpu_seconds() - cpu0, 1),
                "per_seed": [r["seconds"] for r in per_seed], "threads": torch.get_num_threads(), "workers": workers}
     return write_outputs(out, sp, names, per_seed, timings)
+
+
+def rebuild_report(out_dir: str | Path) -> dict:
+    """Rewrite the summary outputs (results.json, table.md, REPORT.md, plots) from the seed-N/results.json files
+    already in out_dir, without training or scoring anything (e.g. after code changes to the report)."""
+    from .study_report import write_outputs
+
+    out = Path(out_dir)
+    per_seed = sorted((json.loads(p.read_text()) for p in out.glob("seed-*/results.json")), key=lambda r: r["seed"])
+    if not per_seed:
+        raise FileNotFoundError(f"{out} holds no seed-N/results.json to report on")
+    previous = json.loads((out / "results.json").read_text()) if (out / "results.json").is_file() else {}
+    names = [n for n in VARIANTS if any(n in r["variants"] or (n == "interp" and r.get("interp")) for r in per_seed)]
+    sp = study_plan("quick" if per_seed[0]["mode"] == "quick" else "full")
+    for r in per_seed:  # profiles from before `router_profile` measured the spread within a layer: measure again
+        files = {k: Path(v) for k, v in r.get("files", {}).items()} or _seed_files(out / f"seed-{r['seed']}")
+        for model in r["variants"].values():
+            router = model.get("router")
+            if router and "spread_pooled" not in router["profile"]:
+                router["profile"] = profile_router(sp, Path(model["final_dir"]), files)
+    timings = previous.get("timings") or {"total": sum(r["seconds"] for r in per_seed), "cpu_total": float("nan"),
+                                          "per_seed": [r["seconds"] for r in per_seed],
+                                          "threads": per_seed[0]["threads"], "workers": per_seed[0].get("workers", 1)}
+    timings["per_seed"] = [r["seconds"] for r in per_seed]
+    return write_outputs(out, sp, names, per_seed, timings)
+
+
+def _seed_files(seed_dir: Path) -> dict[str, Path]:
+    """A seed's evaluation files (results.json written before they were recorded in it)."""
+    return {name: seed_dir / "data" / f"{name}.jsonl" for name in ("text_heldout", "text_seen", "vqa_test")}
+

@@ -210,7 +210,7 @@ def claims(per_seed_results: list[dict]) -> list[dict]:
         r=None if fit is None else list(fit), n=len(xs))
     spread = [s for s in per_seed(rs, "wings", "router_spread") if s is not None]
     tokenwise = [s - 0.1 for s in spread] or None
-    add("Routing is token-wise (the released recipe's w_v spread over tokens >= 0.1)", verdict(tokenwise),
+    add("Routing is token-wise (the released recipe's w_v spread over a layer's tokens >= 0.1)", verdict(tokenwise),
         "-" if tokenwise is None else f"w_v spread {sum(spread) / len(spread):.3f} [{min(spread):.3f}, "
         f"{max(spread):.3f}]", spread=spread)
     router = mean_of_tasks(rs, "wings", "wings_fixed")

@@ -25,10 +25,11 @@ from .study_claims import (
 )
 from .variants import HEADLINE, VARIANTS
 
+PROFILE_KEYS = ("spread", "spread_pooled", "layer_range", "image_text_gap", "type_range")
 TABLE_CELLS = ("text_heldout", "text_seen", "vqa_test", "vqa_yesno", "vqa_colour", "vqa_shape", "iit",
                "attention_shift")
 ROUTER_KEYS = ("router/w_v_image_tokens", "router/w_v_text_tokens", "router/w_v_text_only", "router/w_v_std",
-               "router/entropy", "router/logit_gap", "router/grad_norm")
+               "router/w_v_std_in_layer", "router/entropy", "router/logit_gap", "router/grad_norm")
 
 
 def fmt(stat: dict | None, digits: int = 3) -> str:
@@ -86,8 +87,8 @@ def curve_table(per_seed_results: list[dict], names: list[str]) -> tuple[str, di
 
 
 def router_summary(per_seed_results: list[dict]) -> dict[str, dict]:
-    """Per learned-router variant: training diagnostics (first image step, mean of the last fifth of the logged
-    image steps) and the after-training profile, mean over seeds."""
+    """Per variant with a router: training diagnostics (each figure's first logged step, and the mean of the last
+    fifth of the logged steps that have it) and the after-training profile, mean over seeds."""
     out: dict[str, dict] = {}
     names = [n for n in VARIANTS if any(n in r["variants"] for r in per_seed_results)]
     for name in names:
@@ -96,19 +97,17 @@ def router_summary(per_seed_results: list[dict]) -> dict[str, dict]:
             continue
         first, last = {}, {}
         for run in runs:
-            rows = [row for row in run["diagnostics"] if "router/w_v_image_tokens" in row]
-            if not rows:
-                continue
-            tail = rows[-max(1, len(rows) // 5):]
-            for key in ROUTER_KEYS:
-                first.setdefault(key, []).append(rows[0].get(key))
-                values = [row[key] for row in tail if key in row]
-                last.setdefault(key, []).append(sum(values) / len(values) if values else None)
+            for key in ROUTER_KEYS:  # text-only steps are their own batches: each key over the steps that have it
+                rows = [row[key] for row in run["diagnostics"] if key in row]
+                if rows:
+                    tail = rows[-max(1, len(rows) // 5):]
+                    first.setdefault(key, []).append(rows[0])
+                    last.setdefault(key, []).append(sum(tail) / len(tail))
         profile = [run["profile"] for run in runs]
         types = sorted({t for p in profile for t in p["per_type"]})
         out[name] = {
             "start": {k: _mean(v) for k, v in first.items()}, "end": {k: _mean(v) for k, v in last.items()},
-            "spread": [p["spread"] for p in profile], "type_range": [p["type_range"] for p in profile],
+            **{key: [p.get(key) for p in profile] for key in PROFILE_KEYS},
             "per_type": {t: {kind: _mean([p["per_type"].get(t, {}).get(kind) for p in profile])
                              for kind in ("image_tokens", "text_tokens", "last_token")} for t in types},
             "per_layer": {layer: {t: _mean([p["per_layer"].get(layer, {}).get(t) for p in profile]) for t in types}
@@ -121,6 +120,14 @@ def _mean(values: list) -> float | None:
     return sum(values) / len(values) if values else None
 
 
+def _stat(values: list | None) -> str:
+    values = [v for v in values or [] if v is not None]
+    if not values:
+        return "-"
+    mean = sum(values) / len(values)
+    return f"{mean:.3f}" if len(values) == 1 else f"{mean:.3f} [{min(values):.3f}, {max(values):.3f}]"
+
+
 def _num(value: float | None, digits: int = 3) -> str:
     return "-" if value is None else f"{value:.{digits}f}"
 
@@ -128,21 +135,28 @@ def _num(value: float | None, digits: int = 3) -> str:
 def router_tables(routers: dict[str, dict]) -> str:
     if not routers:
         return "(no variant with a learned router was run)"
-    rows = ["| variant | when | w_v image tokens | w_v text tokens | w_v text-only | w_v std | entropy | logit gap | "
-            "grad norm |", "|---|---|---|---|---|---|---|---|---|"]
+    rows = ["| variant | when | w_v image tokens | w_v text tokens | w_v text-only | w_v std (layers pooled) | "
+            "w_v std in a layer | entropy | logit gap | grad norm |", "|---|---|---|---|---|---|---|---|---|---|"]
     for name, r in routers.items():
         for when in ("start", "end"):
             rows.append(f"| {name} | {when} | " + " | ".join(_num(r[when].get(k), 4) for k in ROUTER_KEYS) + " |")
-    rows += ["", "After training, on easy-vqa test prompts and text-only prompts (mean over seeds; w_v per question "
-             "type at the image tokens / the text tokens / the last prompt token):", "",
-             "| variant | w_v spread over tokens [per seed] | " + " | ".join(QUESTION_TYPES) + " | text-only |",
-             "|---|---|" + "---|" * (len(QUESTION_TYPES) + 1)]
+    rows += ["", "After training, on easy-vqa test prompts (mean [min, max] over seeds): the token-wise spread (std of "
+             "w_v over the tokens of a prompt's layer, averaged over layers), the same with layers pooled, the range "
+             "of the layers' mean w_v, image-token minus text-token w_v, and the range over question types of the "
+             "last prompt token's w_v:", "",
+             "| variant | spread in a layer | spread, layers pooled | layer range | image - text tokens | "
+             "question-type range |", "|---|---|---|---|---|---|"]
+    for name, r in routers.items():
+        rows.append(f"| {name} | " + " | ".join(_stat(r.get(k)) for k in PROFILE_KEYS) + " |")
+    rows += ["", "w_v per question type at the image tokens / the text tokens / the last prompt token (mean over "
+             "seeds):", "", "| variant | " + " | ".join(QUESTION_TYPES) + " | text-only |",
+             "|---|" + "---|" * (len(QUESTION_TYPES) + 1)]
     for name, r in routers.items():
         cells = []
         for t in (*QUESTION_TYPES, "text-only"):
             kinds = r["per_type"].get(t, {})
             cells.append(" / ".join(_num(kinds.get(k)) for k in ("image_tokens", "text_tokens", "last_token")))
-        rows.append(f"| {name} | {', '.join(f'{s:.3f}' for s in r['spread'])} | " + " | ".join(cells) + " |")
+        rows.append(f"| {name} | " + " | ".join(cells) + " |")
     layer_rows = ["", "Mean w_v per layer and question type (all tokens of the prompt):", "",
                   "| variant | layer | " + " | ".join((*QUESTION_TYPES, "text-only")) + " |",
                   "|---|---|" + "---|" * (len(QUESTION_TYPES) + 1)]
@@ -303,13 +317,14 @@ How the verdicts move as seeds are added (the first k seeds):
 
 ## The router
 
-Training diagnostics (router_diagnostics.jsonl of each run; "start" = the first logged image step, "end" = the
-mean of the last fifth of the logged image steps; entropy in nats, ln 2 = 0.693 is an even mix):
+Training diagnostics (router_diagnostics.jsonl of each run; "start" = the first logged step that has the figure,
+"end" = the mean of the last fifth of those steps; text-only samples come in their own batches; entropy in nats,
+ln 2 = 0.693 is an even mix; the spread and entropy are over the tokens of image samples):
 
 {router_tables(routers)}
 
-Routing counts as token-wise when the w_v spread (standard deviation over the tokens of image prompts, every
-layer) is at least 0.1.
+Routing counts as token-wise when the spread in a layer (standard deviation of w_v over the tokens of an image
+prompt at one layer, averaged over layers) is at least 0.1.
 
 Plots: `tradeoff.png`{', `router.png`' if rplot else ''}. Every seed's models, logs and results: `seed-N/`.
 """

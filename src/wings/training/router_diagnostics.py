@@ -8,8 +8,9 @@ On each optimizer step that the Trainer logs, the model's forward records the ro
     router/w_v_text_tokens         mean visual weight on the text tokens of image-bearing samples
     router/w_v_text_only           mean visual weight the router gives text-only samples (the model overrides it
                                    with 0 / 1 there: a text-only sample has no visual keys)
-    router/w_v_std                 standard deviation of w_v over the tokens of image samples (all layers): the
-                                   token-wise spread; 0 for a router that gives every token the same weight
+    router/w_v_std                 standard deviation of w_v over the tokens of image samples, all layers pooled
+    router/w_v_std_in_layer        the same within each layer, averaged over layers: the token-wise spread (0 for
+                                   a router that gives every token of a layer the same weight)
     router/entropy                 mean entropy of (w_v, w_t) on image samples, in nats (ln 2 = 0.693 is uniform)
     router/logit_gap               mean of log(w_v / w_t) on image samples (the softmax's input gap)
     router/grad_norm               L2 norm of the router's gradient before clipping (all layers)
@@ -45,6 +46,7 @@ class RouterStats:
         self.entropy = 0.0
         self.gap = 0.0
         self.layer_sum: dict[int, float] = {}
+        self.layer_sq: dict[int, float] = {}
         self.layer_count: dict[int, int] = {}
 
     @torch.no_grad()
@@ -67,6 +69,7 @@ class RouterStats:
             self.entropy += float(torch.special.entr(sel).sum())
             self.gap += float((sel[:, 0].clamp_min(_EPS).log() - sel[:, 1].clamp_min(_EPS).log()).sum())
             self.layer_sum[layer] = self.layer_sum.get(layer, 0.0) + float(sel[:, 0].sum())
+            self.layer_sq[layer] = self.layer_sq.get(layer, 0.0) + float((sel[:, 0].double() ** 2).sum())
             self.layer_count[layer] = self.layer_count.get(layer, 0) + sel.shape[0]
 
     def summary(self) -> dict[str, float]:
@@ -75,6 +78,9 @@ class RouterStats:
         if n:
             mean = (self.sum["image_tokens"] + self.sum["text_tokens"]) / n
             out["router/w_v_std"] = math.sqrt(max(0.0, self.sq / n - mean * mean))
+            stds = [math.sqrt(max(0.0, self.layer_sq[k] / c - (self.layer_sum[k] / c) ** 2))
+                    for k, c in self.layer_count.items() if c]
+            out["router/w_v_std_in_layer"] = sum(stds) / len(stds)
             out["router/entropy"] = self.entropy / n
             out["router/logit_gap"] = self.gap / n
         return out
