@@ -62,18 +62,24 @@ def test_completions_logprobs_are_the_models_own(wings_pair):
     assert all(c["logprobs"] is None for c in plain.json()["choices"])
 
 
-@pytest.mark.parametrize("body,message", [
+REFUSED = [
     ({"prompt": "look: <image> here"}, "image placeholder"),
     ({"prompt": [1, 2, 10_000_000]}, "outside the vocabulary"),
     ({"prompt": "hi", "n": 2}, "n=2 is not supported"),
     ({"prompt": "hi", "stream": True, "logprobs": 1}, "stream"),
     ({"prompt": "hi", "max_tokens": 5000}, "context"),
     ({"prompt": "hi", "logprobs": 50}, "logprobs"),
-])
-def test_completions_refuse_what_they_cannot_do(wings_pair, body, message):
+    ({"prompt": []}, "prompt"),
+]
+
+
+def test_completions_refuse_what_they_cannot_do(wings_pair):
     with running([("tiny", wings_pair)]) as (url, _):
-        reply = requests.post(url + "/v1/completions", json=body, timeout=60)
-    assert reply.status_code == 400 and message in reply.json()["error"]["message"], reply.text
+        for body, message in REFUSED:
+            reply = requests.post(url + "/v1/completions", json=body, timeout=60)
+            assert reply.status_code == 400 and message in reply.json()["error"]["message"], (body, reply.text)
+        ok = requests.post(url + "/v1/completions", json={"prompt": "hi", "max_tokens": 2}, timeout=60)
+        assert ok.status_code == 200, ok.text
 
 
 MC_YAML = """task: wings_serve_mc
