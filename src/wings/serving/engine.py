@@ -140,8 +140,8 @@ class ContinuousScheduler(Scheduler):
             admitted, budget = [], self.max_prefill_tokens
             while self._pending and len(admitted) < room:
                 ticket = self._pending[0]
-                if ticket.cancelled:
-                    self._pending.popleft()
+                if ticket.cancelled:  # its client went away while it waited
+                    self._pending.popleft().aborted(0)
                     continue
                 if admitted and ticket.prepared.prompt_tokens > budget:
                     break

@@ -173,9 +173,9 @@ class Scheduler:
         return self._running
 
     def idle(self) -> bool:
-        """Nothing waiting and nothing running (draining waits for this)."""
+        """Nothing being prepared, waiting or running (draining waits for this)."""
         with self._cond:
-            return not self._pending and self._running == 0
+            return not self._pending and self._running == 0 and self._preparing == 0
 
     def alive(self) -> bool:
         return self._thread is not None and self._thread.is_alive() and not self.failed
@@ -261,7 +261,9 @@ class WaveScheduler(Scheduler):
             wave = []
             while self._pending and len(wave) < self.max_batch_size:
                 ticket = self._pending.popleft()
-                if not ticket.cancelled:
+                if ticket.cancelled:  # its client went away while it waited
+                    ticket.aborted(0)
+                else:
                     wave.append(ticket)
             return wave
 
