@@ -162,7 +162,9 @@ class ContinuousScheduler(Scheduler):
                 return
             logger.exception("prefill of %d requests failed; retrying them one at a time", len(tickets))
             for ticket in tickets:
-                if not ticket.cancelled:
+                if ticket.emitted:  # its client has part of an answer that a rerun cannot continue exactly
+                    ticket.fail(err)
+                elif not ticket.cancelled:
                     self._prefill([ticket])
             return
         self.batch_sizes[len(tickets)] += 1
@@ -172,7 +174,14 @@ class ContinuousScheduler(Scheduler):
         if self.running is None:
             self.running = group
         else:
-            self.running.join(group)
+            try:
+                self.running.join(group)
+            except Exception as err:  # noqa: BLE001  (a half-merged cache cannot go on: fail its rows, not the server)
+                logger.exception("merging %d rows into the running batch failed", len(group.slots))
+                for slot in self.running.slots + group.slots:
+                    slot.ticket.fail(err)
+                self.running, self._running = None, 0
+                return
         self._running = len(self.running.slots)
         self.max_running_seen = max(self.max_running_seen, self._running)
 
