@@ -8,7 +8,7 @@ export HF_HUB_OFFLINE := 1
 export HF_DATASETS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: setup demo test lint bench clean browser
+.PHONY: setup demo test lint bench clean browser lmms-eval-venv
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -33,6 +33,19 @@ browser:
 		(apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends chromium) \
 		|| echo "make: could not install chromium; the browser tests will be skipped" >&2; fi
 
+# lmms-eval against `wings serve` (docs/SERVING.md, tests/test_lmms_eval.py) in an environment of its own: its
+# declared requirements include torchvision, whose registry wheels are CUDA builds that do not import beside the CPU
+# torch, and its `openai` model never imports it; so torch first, lmms-eval without dependencies, then what its
+# `openai` model and task loading import (found by running the recipe). Not part of setup: the test skips without it.
+LMMS_VENV := .venv-lmms-eval
+lmms-eval-venv:
+	$(PYTHON) -m venv $(LMMS_VENV)
+	$(LMMS_VENV)/bin/pip install -q torch==2.13.0
+	$(LMMS_VENV)/bin/pip install -q --no-deps lmms-eval==0.7.3
+	$(LMMS_VENV)/bin/pip install -q transformers==5.24.0 accelerate datasets evaluate sacrebleu dill pandas pytz \
+		jinja2 loguru pyyaml tenacity tqdm pillow openai python-dotenv pydantic pytablewriter "filelock<4"
+	$(LMMS_VENV)/bin/python -c "import lmms_eval.models.simple.openai"
+
 test: $(STAMP) browser
 	$(BIN)/pytest -q $(PYTEST_ARGS)
 
@@ -43,4 +56,4 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/bench_train_step.py
 
 clean:
-	rm -rf $(VENV) build *.egg-info
+	rm -rf $(VENV) $(LMMS_VENV) build *.egg-info
