@@ -92,10 +92,16 @@ def test_table_results_and_plot_agree(study):
     table = (out / "table.md").read_text()
     assert table.strip() == results["table"].strip() and results["table"] in printed
     summary = results["summary"]
+    # The table is the models' table, then (after a blank line) the interpolation curve's.
+    main, _, curve_part = table.strip().partition("\n\n")
     rows = {line.split("|")[1].strip(): [c.strip() for c in line.split("|")[3:-1]]
-            for line in table.splitlines() if line.startswith("| ") and not line.startswith("| model")
-            and not re.match(r"\| [\d.]+ \|", line)}
+            for line in main.splitlines()[2:]}
     assert set(rows) == {n for n in summary if not n.startswith("interp@")}
+    curve_rows = {line.split("|")[1].strip(): [c.strip() for c in line.split("|")[2:-1]]
+                  for line in curve_part.splitlines() if re.match(r"\| [\d.]+ \|", line)}
+    assert curve_rows and {f"interp@{a}" for a in curve_rows} == {n for n in summary if n.startswith("interp@")}
+    for a, cells in curve_rows.items():
+        assert cells == [fmt(summary[f"interp@{a}"].get(k)) for k in ("text_heldout", "text_seen", "vqa_test")], a
     for name, cells in rows.items():
         assert cells == [fmt(summary[name].get(k)) for k in TABLE_CELLS], name
         assert len(cells) == len(TABLE_CELLS) and all(CELLS[k] for k in TABLE_CELLS)
