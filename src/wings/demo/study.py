@@ -328,14 +328,36 @@ def run_study_seed(out: Path, sp: StudyPlan, seed: int, names: list[str], consol
     if "interp" in names:
         files = {k: Path(v) for k, v in shared["files"].items()}
         curve = interpolation_curve(out, sp, shared, variants["llava"], files, console)
+    earlier_seconds = []
+    if resume:
+        variants, curve, earlier_seconds = _keep_earlier(out, asdict(sp.demo), variants, curve)
     results = {"seed": seed, "mode": sp.mode, "plan": asdict(sp.demo), "threads": torch.get_num_threads(),
                "workers": workers, "base": {"scores": shared["base_scores"], **shared["base_llm"]},
                "vision": shared["vision"], "shared_stages": shared["stages"], "shared_timings": shared["timings"],
                "variants": variants, "interp": curve, "files": shared["files"],
                "lora": {"rank": rank, "params": lora_params, "learner_params": learner_params},
-               "seconds": round(time.perf_counter() - t0, 1)}
+               "seconds": round(time.perf_counter() - t0, 1), "earlier_runs_seconds": earlier_seconds}
     write_json(out / "results.json", results)
     return results
+
+
+def _keep_earlier(out: Path, plan: dict, variants: dict, curve: dict | None) -> tuple[dict, dict | None, list]:
+    """With `resume`, a run of some variants keeps in the seed's results.json the variants (and the interpolation
+    curve) an earlier run with the same plan finished there, so a seed can be completed a few variants at a time
+    without losing the others from its results. Returns (variants, curve, the earlier runs' wall seconds)."""
+    path = out / "results.json"
+    try:
+        earlier = json.loads(path.read_text()) if path.is_file() else None
+    except (OSError, json.JSONDecodeError):
+        earlier = None
+    if not earlier or earlier.get("plan") != json.loads(json.dumps(plan)):
+        return variants, curve, []
+    before = earlier.get("variants", {})
+    merged = {n: variants[n] if n in variants else before[n] for n in VARIANTS if n in variants or n in before}
+    # The curve mixes toward `llava`: an earlier curve stands only if `llava` is the one it was computed from.
+    if curve is None and earlier.get("interp") and merged.get("llava") == before.get("llava"):
+        curve = earlier["interp"]
+    return merged, curve, [*earlier.get("earlier_runs_seconds", []), earlier.get("seconds")]
 
 
 def run_study(out_dir: str | Path, mode: str = "full", seeds: list[int] | None = None,
