@@ -9,8 +9,8 @@ import torch.nn.functional as F
 from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer, DynamicSlidingWindowLayer
 
-from wings.modeling.cache import GrowingDynamicCache, GrowingLayer, WingsDynamicCache, upgrade_cache
 from wings.modeling.buffers import TransposedColumnBuffer
+from wings.modeling.cache import GrowingDynamicCache, GrowingLayer, WingsDynamicCache, upgrade_cache
 from wings.modeling.few_queries import attention_scores, few_query_attention, weighted_values
 
 
