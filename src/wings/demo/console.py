@@ -199,6 +199,16 @@ class DemoConsole:
                 bar.close()
 
 
+def seed_consoles(out: Path, seeds: list[int], console: DemoConsole,
+                  progress: bool) -> Iterator[tuple[int, DemoConsole]]:
+    """(seed, that seed's console) for a multi-seed run: each seed logs to out/seed-N/logs/ and shares the run's
+    console stream and progress bars."""
+    for seed in seeds:
+        console.note(f"seed {seed} -> {out / f'seed-{seed}'}")
+        yield seed, DemoConsole(out / f"seed-{seed}" / "logs", progress=progress, stream=console.stream,
+                                bar_stream=console.bar_stream)
+
+
 @contextlib.contextmanager
 def _library_logs(log: IO[str], console: IO[str]) -> Iterator[None]:
     """transformers' logs: INFO and up to `log`, WARNING and up also to `console`; its download/load bars off."""

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from ..evaluation.io import write_json, write_text
 from .analysis import QUESTION_TYPES, command, stage2_data
-from .console import DemoConsole
+from .console import DemoConsole, seed_consoles
 
 # (key in the summary, label in the tables, how to read it from one seed's results)
 CELLS = {
@@ -127,10 +127,7 @@ def run_seeds(out_dir: str | Path, mode: str = "quick", seeds: list[int] | None 
     console = DemoConsole(out / "logs", progress=progress)
     t0, cpu0 = time.perf_counter(), _cpu_seconds()
     per_seed = []
-    for seed in seeds:
-        console.note(f"seed {seed} -> {out / f'seed-{seed}'}")
-        seed_console = DemoConsole(out / f"seed-{seed}" / "logs", progress=progress, stream=console.stream,
-                                   bar_stream=console.bar_stream)
+    for seed, seed_console in seed_consoles(out, seeds, console, progress):
         per_seed.append(run_demo(out / f"seed-{seed}", mode=mode, seed=seed, stage2_steps=stage2_steps,
                                  text_replay=text_replay, console=seed_console))
     seconds, cpu_seconds = time.perf_counter() - t0, _cpu_seconds() - cpu0

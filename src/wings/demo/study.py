@@ -28,7 +28,7 @@ from transformers import set_seed
 
 from ..evaluation.io import write_json
 from .budget import CONFIG_DIR, DemoPlan, StagePlan, compose_demo_models, plan, stage_overrides
-from .console import DemoConsole, expect_load_changes, intended_load_changes, load_note
+from .console import DemoConsole, expect_load_changes, intended_load_changes, load_note, seed_consoles
 from .variants import INTERPOLATION_ALPHAS, VARIANTS, Variant, stage2_sets
 
 STAGE1 = ("llava_stage1", "wings_stage1")
@@ -375,10 +375,7 @@ def run_study(out_dir: str | Path, mode: str = "full", seeds: list[int] | None =
     console = DemoConsole(out / "logs", progress=progress)
     t0, cpu0 = time.perf_counter(), _cpu_seconds()
     per_seed = []
-    for seed in seeds:
-        console.note(f"seed {seed} -> {out / f'seed-{seed}'}")
-        seed_console = DemoConsole(out / f"seed-{seed}" / "logs", progress=progress, stream=console.stream,
-                                   bar_stream=console.bar_stream)
+    for seed, seed_console in seed_consoles(out, seeds, console, progress):
         per_seed.append(run_study_seed(out / f"seed-{seed}", copy.deepcopy(sp), seed, names, seed_console, resume,
                                        workers))
     timings = {"total": round(time.perf_counter() - t0, 1), "cpu_total": round(_cpu_seconds() - cpu0, 1),
