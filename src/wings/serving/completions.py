@@ -16,11 +16,10 @@ defaults only. Images are refused: a prompt may not hold an image placeholder (a
 
 from __future__ import annotations
 
-import json
 import time
 from typing import Annotated
 
-from pydantic import BaseModel, ConfigDict, Field, Strict, StrictBool, StrictInt, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, Strict, StrictBool, StrictInt
 
 from ..prompting import Prompt
 from .errors import bad_request
@@ -29,9 +28,7 @@ from .protocol import (
     SEED_MAX,
     SEED_MIN,
     StreamOptions,
-    _param,
-    _same,
-    describe_validation_error,
+    validate_body,
 )
 
 MAX_LOGPROBS = 20
@@ -78,17 +75,7 @@ class CompletionRequest(BaseModel):
 
 
 def parse_completion_request(body: dict) -> CompletionRequest:
-    unknown = sorted(set(body) - KNOWN)
-    if unknown:
-        raise bad_request(f"unrecognized request argument supplied: {unknown[0]}", param=unknown[0])
-    for name, defaults in UNSUPPORTED_UNLESS_DEFAULT.items():
-        if name in body and not any(_same(body[name], d) for d in defaults):
-            raise bad_request(f"{name}={json.dumps(body[name])[:80]} is not supported: this server takes the default "
-                              f"{name} only", param=name, code="unsupported_parameter")
-    try:
-        request = CompletionRequest.model_validate(body)
-    except ValidationError as err:
-        raise bad_request(describe_validation_error(err), param=_param(err)) from None
+    request = validate_body(body, CompletionRequest, KNOWN, UNSUPPORTED_UNLESS_DEFAULT)
     prompts = request.prompts()
     if len(prompts) > MAX_PROMPTS:
         raise bad_request(f"prompt: at most {MAX_PROMPTS} prompts per request, got {len(prompts)}", param="prompt")

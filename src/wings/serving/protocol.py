@@ -153,20 +153,26 @@ def _not_json(name: str):
 
 def parse_chat_request(body: dict) -> ChatRequest:
     """Check every field against what this server honours; a 400 names the first field that is wrong."""
-    unknown = sorted(set(body) - KNOWN_FIELDS - EXTENSION_FIELDS)
+    request = validate_body(body, ChatRequest, KNOWN_FIELDS | EXTENSION_FIELDS, UNSUPPORTED_UNLESS_DEFAULT)
+    request.requested_max_tokens  # noqa: B018  (raises a 400 for max_tokens <= 0)
+    return request
+
+
+def validate_body(body: dict, model: type[BaseModel], known: set[str], unsupported: dict[str, tuple]) -> BaseModel:
+    """`body` as `model`, or a 400 naming the first field that is unknown, set to a value this server does not
+    support (anything but the defaults in `unsupported`), or invalid."""
+    unknown = sorted(set(body) - known)
     if unknown:
         raise bad_request(f"unrecognized request argument supplied: {unknown[0]}", param=unknown[0])
-    for field, defaults in UNSUPPORTED_UNLESS_DEFAULT.items():
+    for field, defaults in unsupported.items():
         if field in body and not any(_same(body[field], d) for d in defaults):
             what = "one choice per request (n=1)" if field == "n" else f"the default {field} only"
             raise bad_request(f"{field}={json.dumps(body[field])[:80]} is not supported: this server returns "
                               f"{what}", param=field, code="unsupported_parameter")
     try:
-        request = ChatRequest.model_validate(body)
+        return model.model_validate(body)
     except ValidationError as err:
         raise bad_request(describe_validation_error(err), param=_param(err)) from None
-    request.requested_max_tokens  # noqa: B018  (raises a 400 for max_tokens <= 0)
-    return request
 
 
 def _same(value, default) -> bool:
