@@ -61,7 +61,8 @@ def run(args) -> int:
     for claim in results["claims"]:
         print(f"- {claim['claim']}: {claim['verdict']} ({claim['figure']})")
     t = results["timings"]
-    print(f"total time {t['total']:.0f} s (per seed {', '.join(f'{s:.0f}' for s in t['per_seed'])} s; CPU time "
-          f"{t['cpu_total']:.0f} s; {t['threads']} thread(s), {t.get('workers', 1)} worker(s))")
+    cpu = "the runs' CPU time not recorded" if t.get("cpu_total") is None else f"CPU time {t['cpu_total']:.0f} s"
+    print(f"total time {t['total']:.0f} s (per seed {', '.join(f'{s:.0f}' for s in t['per_seed'])} s; {cpu}; "
+          f"{t['threads']} thread(s), {t.get('workers', 1)} worker(s))")
     print(f"report: {args.out}/REPORT.md (results.json, table.md, tradeoff.png, router.png beside it)")
     return 0

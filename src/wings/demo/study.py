@@ -392,7 +392,6 @@ def rebuild_report(out_dir: str | Path) -> dict:
     per_seed = sorted((json.loads(p.read_text()) for p in out.glob("seed-*/results.json")), key=lambda r: r["seed"])
     if not per_seed:
         raise FileNotFoundError(f"{out} holds no seed-N/results.json to report on")
-    previous = json.loads((out / "results.json").read_text()) if (out / "results.json").is_file() else {}
     names = [n for n in VARIANTS if any(n in r["variants"] or (n == "interp" and r.get("interp")) for r in per_seed)]
     sp = study_plan("quick" if per_seed[0]["mode"] == "quick" else "full")
     for r in per_seed:  # profiles from before `router_profile` measured the spread within a layer: measure again
@@ -401,10 +400,11 @@ def rebuild_report(out_dir: str | Path) -> dict:
             router = model.get("router")
             if router and "spread_pooled" not in router["profile"]:
                 router["profile"] = profile_router(sp, Path(model["final_dir"]), files)
-    timings = previous.get("timings") or {"total": sum(r["seconds"] for r in per_seed), "cpu_total": float("nan"),
-                                          "per_seed": [r["seconds"] for r in per_seed],
-                                          "threads": per_seed[0]["threads"], "workers": per_seed[0].get("workers", 1)}
-    timings["per_seed"] = [r["seconds"] for r in per_seed]
+    # Wall time per seed, over every (resumed) run the seed was completed in; the last run's own timings would
+    # cover only the seeds it ran.
+    walls = [r["seconds"] + sum(s for s in r.get("earlier_runs_seconds", []) if s) for r in per_seed]
+    timings = {"total": round(sum(walls), 1), "cpu_total": None, "per_seed": walls, "rebuilt": True,
+               "threads": per_seed[0]["threads"], "workers": per_seed[0].get("workers", 1)}
     return write_outputs(out, sp, names, per_seed, timings)
 
 

@@ -267,6 +267,17 @@ def command(out: Path, mode: str, seeds: list[int], names: list[str]) -> str:
     return " ".join(parts)
 
 
+def produced_by(cmd: str, out: Path, timings: dict) -> str:
+    """The report's line on what ran and how long it took."""
+    per_seed = ", ".join(f"{s:.0f}" for s in timings["per_seed"])
+    if timings.get("rebuilt"):
+        return (f"Rebuilt by `wings study --report-only --out {out}` from the seed-N/results.json files; the seeds' "
+                f"runs took {timings['total']:.0f} s of wall time ({per_seed} s per seed, adding up the runs a seed "
+                f"was completed in; {timings['threads']} torch thread(s), {timings.get('workers', 1)} worker(s))")
+    return (f"Produced by `{cmd}` in {timings['total']:.0f} s ({per_seed} s per seed; CPU time "
+            f"{timings['cpu_total']:.0f} s; {timings['threads']} torch thread(s))")
+
+
 def write_outputs(out: Path, sp, names: list[str], per_seed_results: list[dict], timings: dict) -> dict:
     """results.json, table.md, tradeoff.png, router.png and REPORT.md; returns the results."""
     seeds = [r["seed"] for r in per_seed_results]
@@ -288,8 +299,7 @@ def write_outputs(out: Path, sp, names: list[str], per_seed_results: list[dict],
     lora = per_seed_results[0]["lora"]
     text = f"""# Wings study ({sp.mode} mode, seeds {', '.join(map(str, seeds))})
 
-Produced by `{cmd}` in {timings['total']:.0f} s ({', '.join(f'{s:.0f}' for s in timings['per_seed'])} s per
-seed; CPU time {timings['cpu_total']:.0f} s; {timings['threads']} torch thread(s)). Per seed the base LLM, the
+{produced_by(cmd, out, timings)}. Per seed the base LLM, the
 vision encoder and both stage-1 models are trained once and shared by every variant; each variant trains its own
 stage 2 on the same data with the same seed. Cells: mean [min, max] over the seeds. LoRA rank
 {lora['rank']} ({lora['params']} weights) matches Wings' two learners ({lora['learner_params']} weights).
