@@ -95,6 +95,11 @@ class ContinuousScheduler(Scheduler):
         self.steps = 0
         self.max_running_seen = 0
 
+    def running_count(self) -> int:
+        """Rows of the running batch that have not ended (see Scheduler.running_count)."""
+        run = self.running
+        return 0 if run is None else sum(not s.gone for s in list(run.slots))
+
     def stats(self) -> dict:
         out = super().stats()
         out.update(prefills=out["waves"], decode_steps=self.steps, max_running_seen=self.max_running_seen,

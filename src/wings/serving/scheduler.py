@@ -117,6 +117,7 @@ class Scheduler:
         self.gather_seconds = gather_seconds
         self._preparing = 0
         self._running = 0  # rows decoding now (written by the scheduler thread only)
+        self._wave: list[Ticket] = []  # the wave being generated (the wave scheduler's running requests)
         self._pending: deque[Ticket] = deque()
         self._cond = threading.Condition()
         self._paused = False
@@ -170,7 +171,9 @@ class Scheduler:
             return len(self._pending)
 
     def running_count(self) -> int:
-        return self._running
+        """Requests decoding now that have not ended: a request's last event marks it done before it is handed to
+        its client, so a client that has its answer never sees itself counted (the gauge of /metrics)."""
+        return sum(not (t.done or t.cancelled) for t in list(self._wave))
 
     def idle(self) -> bool:
         """Nothing being prepared, waiting or running (draining waits for this)."""
@@ -273,7 +276,7 @@ class WaveScheduler(Scheduler):
                 continue
             started = time.monotonic()
             self.batch_sizes[len(wave)] += 1
-            self._running = len(wave)
+            self._running, self._wave = len(wave), wave
             for ticket in wave:
                 ticket.times.admit(started, ticket.submitted_at)
             try:
@@ -281,7 +284,7 @@ class WaveScheduler(Scheduler):
             except Exception as err:  # noqa: BLE001  (isolate the failing request, keep the server alive)
                 logger.exception("batched generate of %d requests failed", len(wave))
                 self._retry_alone(wave, err)
-            self._running = 0
+            self._running, self._wave = 0, []
             self._recent_wave_seconds.append(time.monotonic() - started)
 
     def _retry_alone(self, wave: list[Ticket], err: Exception) -> None:
