@@ -11,7 +11,15 @@ import time
 import pytest
 import requests
 
-from test_serve_common import image_files, image_urls, running, user, wings_pair  # noqa: F401  (fixtures)
+from test_serve_common import (  # noqa: F401  (fixtures)
+    image_files,
+    image_urls,
+    running,
+    start_clients,
+    user,
+    wait_until,
+    wings_pair,
+)
 
 openai = pytest.importorskip("openai")
 
@@ -54,14 +62,8 @@ def test_concurrent_answers_equal_sequential_answers(wings_pair, image_urls):
         client = openai.OpenAI(base_url=url + "/v1", api_key="-", max_retries=0, timeout=300)
         scheduler = server.schedulers["tiny"]
         scheduler.pause()  # let all ten queue up, so the first wave holds eight of them
-        results: dict[int, tuple] = {}
-        threads = [threading.Thread(target=lambda i=i: results.__setitem__(i, ask(client, specs[i], i % 2 == 1)))
-                   for i in range(len(specs))]
-        for t in threads:
-            t.start()
-        deadline = time.monotonic() + 60
-        while scheduler.pending_count() < len(specs) and time.monotonic() < deadline:
-            time.sleep(0.01)
+        threads, results = start_clients(lambda i: ask(client, specs[i], i % 2 == 1), len(specs))
+        wait_until(lambda: scheduler.pending_count() >= len(specs), 60)
         scheduler.resume()
         for t in threads:
             t.join(300)

@@ -6,6 +6,9 @@ from __future__ import annotations
 import base64
 import contextlib
 import io
+import threading
+import time
+from collections.abc import Callable
 
 import pytest
 import torch
@@ -112,3 +115,19 @@ def test_transformers_serving_internals_unchanged():
         f"against {PINNED_TRANSFORMERS}: re-check it, then update PINNED_TRANSFORMERS"
     )
     check_serving_internals()
+
+
+def start_clients(call: Callable[[int], object], n: int) -> tuple[list[threading.Thread], dict]:
+    """n client threads, started: thread i stores call(i) in results[i] (read after joining them)."""
+    results: dict = {}
+    threads = [threading.Thread(target=lambda i=i: results.__setitem__(i, call(i))) for i in range(n)]
+    for t in threads:
+        t.start()
+    return threads, results
+
+
+def wait_until(condition: Callable[[], bool], seconds: float, poll: float = 0.01) -> None:
+    """Poll `condition` until it holds or `seconds` pass (the caller asserts what it needs afterwards)."""
+    deadline = time.monotonic() + seconds
+    while not condition() and time.monotonic() < deadline:
+        time.sleep(poll)

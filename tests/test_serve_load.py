@@ -12,7 +12,16 @@ import time
 import pytest
 import requests
 
-from test_serve_common import data_url, image_files, image_urls, running, user, wings_pair  # noqa: F401
+from test_serve_common import (  # noqa: F401  (fixtures)
+    data_url,
+    image_files,
+    image_urls,
+    running,
+    start_clients,
+    user,
+    wait_until,
+    wings_pair,
+)
 
 openai = pytest.importorskip("openai")
 
@@ -46,14 +55,8 @@ def test_64_concurrent_streams_all_complete_and_the_queue_bound_holds(wings_pair
     with running([("tiny", wings_pair)], max_batch_size=8, max_queue=64) as (url, server):
         scheduler = server.schedulers["tiny"]
         scheduler.pause()  # all 64 wait in the queue: it is full
-        results: dict[int, tuple] = {}
-        threads = [threading.Thread(target=lambda i=i: results.__setitem__(i, stream(url, specs[i])))
-                   for i in range(64)]
-        for t in threads:
-            t.start()
-        deadline = time.monotonic() + 120
-        while scheduler.pending_count() < 64 and time.monotonic() < deadline:
-            time.sleep(0.02)
+        threads, results = start_clients(lambda i: stream(url, specs[i]), 64)
+        wait_until(lambda: scheduler.pending_count() >= 64, 120, poll=0.02)
         assert scheduler.pending_count() == 64
         over = requests.post(url + "/v1/chat/completions", json={"messages": user("one more"), "max_tokens": 2},
                              timeout=30)
@@ -121,14 +124,8 @@ def test_a_bad_request_joining_a_running_batch_fails_alone(wings_pair, image_url
     broken = data_url(b"\x89PNG\r\n\x1a\n this is not an image")
     with running([("tiny", wings_pair)], max_batch_size=8) as (url, server):
         scheduler = server.schedulers["tiny"]
-        results: dict = {}
-        threads = [threading.Thread(target=lambda i=i: results.__setitem__(i, stream(url, specs[i])))
-                   for i in range(2)]
-        for t in threads:
-            t.start()
-        deadline = time.monotonic() + 60
-        while scheduler.running_count() < 2 and time.monotonic() < deadline:
-            time.sleep(0.005)
+        threads, results = start_clients(lambda i: stream(url, specs[i]), 2)
+        wait_until(lambda: scheduler.running_count() >= 2, 60, poll=0.005)
         bad_image = requests.post(url + "/v1/chat/completions", timeout=60, json={
             "messages": user("and this one?", image_urls[3], broken), "max_tokens": 5})
         poisoned = stream(url, {"messages": user(" ".join(["tell me more"] * 80)), "max_tokens": 5})

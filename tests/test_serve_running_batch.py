@@ -6,12 +6,19 @@ do alone, for a composed Wings model and for stock VLMs with Wings attached (Qwe
 from __future__ import annotations
 
 import threading
-import time
 
 import pytest
 import torch
 
-from test_serve_common import image_files, image_urls, running, user, wings_pair  # noqa: F401  (fixtures)
+from test_serve_common import (  # noqa: F401  (fixtures)
+    image_files,
+    image_urls,
+    running,
+    start_clients,
+    user,
+    wait_until,
+    wings_pair,
+)
 from wings.serving import ServedModel
 from wings.serving.batch import ModelRunner
 
@@ -169,14 +176,8 @@ def test_the_prefill_budget_splits_admission(wings_pair, image_urls):
         scheduler = server.schedulers["tiny"]
         client = openai.OpenAI(base_url=url + "/v1", api_key="-", max_retries=0, timeout=300)
         scheduler.pause()
-        results: dict = {}
-        threads = [threading.Thread(target=lambda i=i: results.__setitem__(i, ask(client, specs[i])))
-                   for i in range(3)]
-        for t in threads:
-            t.start()
-        deadline = time.monotonic() + 60
-        while scheduler.pending_count() < 3 and time.monotonic() < deadline:
-            time.sleep(0.01)
+        threads, results = start_clients(lambda i: ask(client, specs[i]), 3)
+        wait_until(lambda: scheduler.pending_count() >= 3, 60)
         scheduler.resume()
         for t in threads:
             t.join(300)
